@@ -38,15 +38,15 @@ AE_PRESETS = {
 }
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def _group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = _group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -60,7 +60,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c: int):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _group_norm(c)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):  # [B,C,H,W]
@@ -98,61 +98,60 @@ class Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-def _level(cin: int, cout: int, n_blocks: int, resample: nn.Module | None, name: str) -> nn.Module:
-    """One resolution level: `block.{b}` ResnetBlocks, then an optional `downsample` / `upsample`."""
-    level = nn.Module()
-    level.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
-    if resample is not None:
-        setattr(level, name, resample)
-    return level
+class Level(nn.Module):
+    """One resolution: `block.{b}` ResnetBlocks, then `downsample` or `upsample` unless it is the last level."""
+
+    def __init__(self, cin: int, cout: int, n_blocks: int, resample: str = ""):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
+        self.resample = resample  # the attribute name is the checkpoint key
+        if resample:
+            setattr(self, resample, (Downsample if resample == "downsample" else Upsample)(cout))
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return getattr(self, self.resample)(x) if self.resample else x
 
 
 class Encoder(nn.Module):
     def __init__(self, c: AEConfig):
         super().__init__()
         chans = [c.ch * m for m in c.ch_mult]  # [128, 256, 512, 512]
-        last = len(chans) - 1
+        ins = [c.ch] + chans[:-1]  # a level's first block takes the previous level's width
         self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
-        self.down = nn.ModuleList(
-            _level(([c.ch] + chans)[l], chans[l], c.num_res_blocks, Downsample(chans[l]) if l < last else None,
-                   "downsample") for l in range(len(chans)))
+        self.down = nn.ModuleList(Level(ins[l], chans[l], c.num_res_blocks, "downsample" if l < len(chans) - 1 else "")
+                                  for l in range(len(chans)))
         self.mid = Mid(chans[-1])
-        self.norm_out = _norm(chans[-1])
+        self.norm_out = _group_norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], 2 * c.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.z_channels, 1)
 
-    def forward(self, x):  # [B,3,H,W] -> moments [B,2z,H/8,W/8]
+    def forward(self, x):  # [B,3,H,W] -> moments (mean, logvar) [B,2z,H/8,W/8]
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
-        return self.quant_conv(h)
+            h = level(h)
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(self.mid(h)))))
 
 
 class Decoder(nn.Module):
     def __init__(self, c: AEConfig):
         super().__init__()
         chans = [c.ch * m for m in c.ch_mult]
+        ins = chans[1:] + chans[-1:]  # up.l is fed by up.{l+1}; the lowest level by mid
         self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
         self.conv_in = nn.Conv2d(c.z_channels, chans[-1], 3, padding=1)
         self.mid = Mid(chans[-1])
-        # up.0 is the highest resolution; the forward pass walks up.{n-1} .. up.0
-        self.up = nn.ModuleList(
-            _level((chans + [chans[-1]])[l + 1], chans[l], c.num_res_blocks + 1, Upsample(chans[l]) if l > 0 else None,
-                   "upsample") for l in range(len(chans)))
-        self.norm_out = _norm(chans[0])
+        # up.0 is the highest resolution, so the forward pass walks up.{n-1} .. up.0
+        self.up = nn.ModuleList(Level(ins[l], chans[l], c.num_res_blocks + 1, "upsample" if l > 0 else "")
+                                for l in range(len(chans)))
+        self.norm_out = _group_norm(chans[0])
         self.conv_out = nn.Conv2d(chans[0], c.out_ch, 3, padding=1)
 
     def forward(self, z):  # [B,z,h,w] -> [B,3,8h,8w]
         h = self.mid(self.conv_in(self.post_quant_conv(z)))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -170,7 +169,7 @@ class AutoEncoder(nn.Module):
         return self.bn.running_mean.view(1, -1, 1, 1), (self.bn.running_var + self.bn.eps).sqrt().view(1, -1, 1, 1)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B,3,H,W] in [-1,1], H and W multiples of 16 -> normalised latent [B,4z,H/16,W/16]."""
+        """pixels [B,3,H,W] in [-1,1], H and W multiples of 16 (2**levels) -> normalised latent [B,4z,H/16,W/16]."""
         factor = 2 ** len(self.config.ch_mult)
         if pixels.shape[-2] % factor or pixels.shape[-1] % factor:
             raise ValueError(f"image size {tuple(pixels.shape[-2:])} must be a multiple of {factor}; crop it first")
@@ -213,7 +212,7 @@ def text_ids(length: int) -> torch.Tensor:
 
 
 # diffusers `vae/` name -> BFL name (§5.3), applied in order after the decoder's up index is reversed.
-_DIFFUSERS_TO_BFL = [
+_VAE_DIFFUSERS_TO_BFL = [
     (r"^quant_conv\.", "encoder.quant_conv."),
     (r"^post_quant_conv\.", "decoder.post_quant_conv."),
     (r"\.(down|up)_blocks\.(\d+)\.resnets\.", r".\1.\2.block."),
@@ -228,11 +227,11 @@ _DIFFUSERS_TO_BFL = [
 ]
 
 
-def _bfl_name(key: str, levels: int) -> str:
+def _vae_bfl_name(key: str, levels: int) -> str:
     """BFL name of a checkpoint key; BFL keys pass through unchanged."""
     # diffusers lists decoder levels lowest resolution first, BFL highest first
     key = re.sub(r"\.up_blocks\.(\d+)\.", lambda m: f".up_blocks.{levels - 1 - int(m.group(1))}.", key)
-    for pattern, repl in _DIFFUSERS_TO_BFL:
+    for pattern, repl in _VAE_DIFFUSERS_TO_BFL:
         key = re.sub(pattern, repl, key)
     return key
 
@@ -241,10 +240,10 @@ def _ae_tensors(files, levels: int):
     """(BFL name, tensor) pairs from a BFL or diffusers checkpoint, streamed."""
     for k, t in iter_tensors(files):
         # the only 2-D tensors are diffusers' attention Linears [C,C]; BFL stores them as 1x1 convs [C,C,1,1]
-        yield _bfl_name(k, levels), t[:, :, None, None] if t.ndim == 2 else t
+        yield _vae_bfl_name(k, levels), t[:, :, None, None] if t.ndim == 2 else t
 
 
-def _infer_config(shapes: dict, levels: int, source) -> AEConfig:
+def _ae_config_from_shapes(shapes: dict, levels: int, source) -> AEConfig:
     """AEConfig from BFL-named tensor shapes."""
     try:
         ch = shapes["encoder.conv_in.weight"][0]
@@ -257,7 +256,7 @@ def _infer_config(shapes: dict, levels: int, source) -> AEConfig:
         raise LoadError(f"{source}: no tensor {e} (BFL or diffusers naming); is this a FLUX.2 autoencoder?") from None
 
 
-def _check_diffusers_config(folder: Path):
+def _check_vae_config_json(folder: Path):
     """Reject diffusers settings that the tensor shapes cannot reveal but this module hard-codes."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -275,12 +274,13 @@ def load_ae(path, device="cpu", dtype=torch.float32, config: AEConfig | None = N
     path = Path(path)
     files = safetensors_files(path)
     if path.is_dir() and (path / "config.json").is_file():
-        _check_diffusers_config(path)
+        _check_vae_config_json(path)
     keys = read_keys(files)
     levels = len({m.group(1) for k in keys if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
-    shapes = {_bfl_name(k, levels): s for k, s in keys.items()}
-    config = config or _infer_config(shapes, levels, path)
+    shapes = {_vae_bfl_name(k, levels): s for k, s in keys.items()}
+    config = config or _ae_config_from_shapes(shapes, levels, path)
     with torch.device("meta"):
         model = AutoEncoder(config)
-    assign_weights(model, _ae_tensors(files, levels), device=device, dtype=dtype, source=path, what="FLUX.2 autoencoder")
+    assign_weights(model, _ae_tensors(files, levels), device=device, dtype=dtype, source=path,
+                   what="FLUX.2 autoencoder")
     return model.eval()

@@ -435,3 +435,41 @@ try:
     from _text_part import *  # noqa: F401,F403
 except ImportError:
     pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole FLUX.2-dev snapshot, and the tiny random-weight stack for the CPU demo
+
+SNAPSHOT_PARTS = {  # part -> accepted locations inside a FLUX.2-dev snapshot directory, first match wins
+    "transformer": ["flux2-dev.safetensors", "transformer"],
+    "vae": ["ae.safetensors", "vae"],
+    "text_encoder": ["text_encoder"],
+    "tokenizer": ["tokenizer/tokenizer.json", "tokenizer/tekken.json", "tokenizer.json", "tekken.json"],
+}
+
+
+def find_snapshot(model_dir) -> dict[str, Path]:
+    """Locate the DiT, VAE, text encoder and tokenizer in a FLUX.2-dev snapshot; say exactly what is missing."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LoadError(f"{model_dir}: not a folder; --model-dir takes a FLUX.2-dev snapshot directory")
+    found = {}
+    for part, candidates in SNAPSHOT_PARTS.items():
+        hit = next((model_dir / c for c in candidates if (model_dir / c).exists()), None)
+        if hit is None:
+            raise LoadError(f"{model_dir}: no {part} found (looked for {', '.join(candidates)}); "
+                            f"download that part of black-forest-labs/FLUX.2-dev into this folder")
+        found[part] = hit
+    return found
+
+
+def tiny_models(seed: int = 0, dtype=torch.float32):
+    """The tiny demo stack with random weights from `seed`: (DiT, autoencoder, text encoder, tokenizer)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit = Flux2(PRESETS["tiny"]).to(dtype)
+        ae = AutoEncoder(AE_PRESETS["tiny"]).to(dtype)
+        text = MistralEncoder(TEXT_PRESETS["tiny"]).to(dtype)
+    for m in (dit, ae, text):
+        m.eval().requires_grad_(False)
+    return dit, ae, text, Tokenizer.tiny()
