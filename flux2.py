@@ -8,16 +8,113 @@ layouts (diffusers folders, HF shards) are mapped to these names in one converte
 
 Shapes use B batch, L_img image tokens, L_txt text tokens (512), H hidden (6144 for dev), D head dim (128).
 """
+import base64
 import json
 import math
+import re
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor, nn
 
-from _common_part import LoadError, safetensors_files, iter_tensors, read_keys, assign_weights  # noqa: F401
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming safetensors loading, shared by the DiT, the autoencoder and the text encoder.
+# Models are built on the meta device (no memory); each tensor is read, cast, moved to its final device and
+# assigned in place, so host memory never holds two copies.
+
+class LoadError(ValueError):
+    """A checkpoint or input that does not fit; the message names the file and the fix."""
+
+
+def safetensors_files(path) -> list[Path]:
+    """The .safetensors files behind `path`: one file, a folder with an index JSON, or a folder of files."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise LoadError(f"{path}: no such file or folder")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise LoadError(f"{f}: shard listed in {indexes[0].name} is missing; download it again")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{path}: no .safetensors files in this folder")
+    return files
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise LoadError(f"{file}: not a readable safetensors file ({e}); the download may be truncated") from None
+
+
+def read_keys(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every key in `files` with its shape, read from the headers only."""
+    shapes = {}
+    for file in files:
+        with _open(file) as f:
+            for k in f.keys():
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return shapes
+
+
+def iter_tensors(files: list[Path], keep=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from `files` one tensor at a time; `keep(key)` False skips a tensor without reading it."""
+    for file in files:
+        with _open(file) as f:
+            for k in f.keys():
+                if keep is not None and not keep(k):
+                    continue
+                try:
+                    yield k, f.get_tensor(k)
+                except Exception as e:
+                    raise LoadError(f"{file}: tensor {k!r} cannot be read ({e}); the file may be truncated") from None
+
+
+def assign_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, device, dtype,
+                   source, what: str = "model") -> nn.Module:
+    """Assign (name, tensor) pairs into a meta-device `model`, checking every name and shape."""
+    slots = {}  # name -> (owning module, attribute, is_parameter)
+    for mod_name, mod in model.named_modules():
+        for attr, p in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if p is not None:
+                slots[f"{mod_name}.{attr}" if mod_name else attr] = (mod, attr, attr in mod._parameters)
+    done = set()
+    for name, t in named_tensors:
+        if name not in slots:
+            raise LoadError(f"{source}: unexpected key {name!r} for {what}; is this the right file?")
+        mod, attr, is_param = slots[name]
+        old = getattr(mod, attr)
+        if tuple(old.shape) != tuple(t.shape):
+            raise LoadError(f"{source}: {name} has shape {tuple(t.shape)}, {what} expects {tuple(old.shape)}")
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if is_param:
+            mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[attr] = t
+        done.add(name)
+    # BatchNorm's step counter is optional in files; give it a real value rather than leaving it on meta.
+    for name, (mod, attr, _) in slots.items():
+        if name not in done and attr == "num_batches_tracked":
+            mod._buffers[attr] = torch.zeros((), dtype=torch.long, device=device)
+            done.add(name)
+    missing = [n for n in slots if n not in done]
+    if missing:
+        raise LoadError(f"{source}: {len(missing)} keys of {what} missing, e.g. {missing[:4]}; "
+                        f"is the file complete and for this model?")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,19 +523,601 @@ def load_flux2(path, device="cpu", dtype=torch.bfloat16, expect: str | None = No
     return model.eval().requires_grad_(False)
 
 
-# --- parts written in parallel; inlined here before the merge ---
-try:
-    from _vae_part import *  # noqa: F401,F403
-except ImportError:
-    pass
-try:
-    from _text_part import *  # noqa: F401,F403
-except ImportError:
-    pass
+# ----------------------------------------------------------------------------------------------------------
+# The autoencoder and the latent <-> token helpers (reference §5, §4)
+
+@dataclass(frozen=True)
+class AEConfig:
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 32
+
+
+AE_PRESETS = {
+    "flux2": AEConfig(),
+    # keeps the /16 factor and 4*32 = 128 packed channels, so it pairs with a tiny DiT of in_channels 128
+    "tiny": AEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32),
+}
+
+
+def _group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with 1x1 convs as projections."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):  # [B,C,H,W]
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B,1,HW,C]
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):  # asymmetric padding (right/bottom only), as in the checkpoint's training code
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution: `block.{b}` ResnetBlocks, then `downsample` or `upsample` unless it is the last level."""
+
+    def __init__(self, cin: int, cout: int, n_blocks: int, resample: str = ""):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if b == 0 else cout, cout) for b in range(n_blocks))
+        self.resample = resample  # the attribute name is the checkpoint key
+        if resample:
+            setattr(self, resample, (Downsample if resample == "downsample" else Upsample)(cout))
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return getattr(self, self.resample)(x) if self.resample else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AEConfig):
+        super().__init__()
+        chans = [c.ch * m for m in c.ch_mult]  # [128, 256, 512, 512]
+        ins = [c.ch] + chans[:-1]  # a level's first block takes the previous level's width
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList(Level(ins[l], chans[l], c.num_res_blocks, "downsample" if l < len(chans) - 1 else "")
+                                  for l in range(len(chans)))
+        self.mid = Mid(chans[-1])
+        self.norm_out = _group_norm(chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], 2 * c.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.z_channels, 1)
+
+    def forward(self, x):  # [B,3,H,W] -> moments (mean, logvar) [B,2z,H/8,W/8]
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(self.mid(h)))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AEConfig):
+        super().__init__()
+        chans = [c.ch * m for m in c.ch_mult]
+        ins = chans[1:] + chans[-1:]  # up.l is fed by up.{l+1}; the lowest level by mid
+        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        self.conv_in = nn.Conv2d(c.z_channels, chans[-1], 3, padding=1)
+        self.mid = Mid(chans[-1])
+        # up.0 is the highest resolution, so the forward pass walks up.{n-1} .. up.0
+        self.up = nn.ModuleList(Level(ins[l], chans[l], c.num_res_blocks + 1, "upsample" if l > 0 else "")
+                                for l in range(len(chans)))
+        self.norm_out = _group_norm(chans[0])
+        self.conv_out = nn.Conv2d(chans[0], c.out_ch, 3, padding=1)
+
+    def forward(self, z):  # [B,z,h,w] -> [B,3,8h,8w]
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """FLUX.2 VAE: encode/decode between pixels and the BN-normalised, 2x2-patchified latent the DiT sees."""
+
+    def __init__(self, config: AEConfig = AE_PRESETS["flux2"]):
+        super().__init__()
+        self.config = config
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        # only its running stats are used (never in training mode): they whiten the patchified latent
+        self.bn = nn.BatchNorm2d(4 * config.z_channels, eps=1e-4, affine=False)
+
+    def _stats(self):  # mean, std as [1,4z,1,1]
+        return self.bn.running_mean.view(1, -1, 1, 1), (self.bn.running_var + self.bn.eps).sqrt().view(1, -1, 1, 1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B,3,H,W] in [-1,1], H and W multiples of 16 (2**levels) -> normalised latent [B,4z,H/16,W/16]."""
+        factor = 2 ** len(self.config.ch_mult)
+        if pixels.shape[-2] % factor or pixels.shape[-1] % factor:
+            raise ValueError(f"image size {tuple(pixels.shape[-2:])} must be a multiple of {factor}; crop it first")
+        m = self.encoder(pixels)[:, : self.config.z_channels]  # posterior mean (mode), no sampling: [B,z,H/8,W/8]
+        B, C, H, W = m.shape
+        z = m.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * C, H // 2, W // 2)  # (c pi pj)
+        mean, std = self._stats()
+        return (z - mean) / std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B,4z,h,w] -> pixels [B,3,16h,16w] (about [-1,1]); the inverse of `encode`."""
+        mean, std = self._stats()
+        z = z * std + mean
+        B, C, h, w = z.shape
+        z = z.view(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, 2 * h, 2 * w)
+        return self.decoder(z)
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """Latent [B,C,h,w] -> tokens [B,h*w,C], row-major."""
+    return z.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens [B,h*w,C] -> latent [B,C,h,w]; the inverse of `pack`."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def image_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    """Position ids int64 [h*w,4] = (t, row, col, 0), row-major; t=0 for the target, 10*(r+1) for reference r."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.full_like(rows, t), rows, cols, torch.zeros_like(rows)], -1).reshape(h * w, 4)
+
+
+def text_ids(length: int) -> torch.Tensor:
+    """Position ids int64 [length,4] = (0, 0, 0, n) for every text token, pads included."""
+    ids = torch.zeros(length, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+# diffusers `vae/` name -> BFL name (§5.3), applied in order after the decoder's up index is reversed.
+_VAE_DIFFUSERS_TO_BFL = [
+    (r"^quant_conv\.", "encoder.quant_conv."),
+    (r"^post_quant_conv\.", "decoder.post_quant_conv."),
+    (r"\.(down|up)_blocks\.(\d+)\.resnets\.", r".\1.\2.block."),
+    (r"\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r".\1.\2.\3sample."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+]
+
+
+def _vae_bfl_name(key: str, levels: int) -> str:
+    """BFL name of a checkpoint key; BFL keys pass through unchanged."""
+    # diffusers lists decoder levels lowest resolution first, BFL highest first
+    key = re.sub(r"\.up_blocks\.(\d+)\.", lambda m: f".up_blocks.{levels - 1 - int(m.group(1))}.", key)
+    for pattern, repl in _VAE_DIFFUSERS_TO_BFL:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _ae_tensors(files, levels: int):
+    """(BFL name, tensor) pairs from a BFL or diffusers checkpoint, streamed."""
+    for k, t in iter_tensors(files):
+        # the only 2-D tensors are diffusers' attention Linears [C,C]; BFL stores them as 1x1 convs [C,C,1,1]
+        yield _vae_bfl_name(k, levels), t[:, :, None, None] if t.ndim == 2 else t
+
+
+def _ae_config_from_shapes(shapes: dict, levels: int, source) -> AEConfig:
+    """AEConfig from BFL-named tensor shapes."""
+    try:
+        ch = shapes["encoder.conv_in.weight"][0]
+        return AEConfig(
+            in_channels=shapes["encoder.conv_in.weight"][1], ch=ch, out_ch=shapes["decoder.conv_out.weight"][0],
+            ch_mult=tuple(shapes[f"encoder.down.{l}.block.0.conv1.weight"][0] // ch for l in range(levels)),
+            num_res_blocks=len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")}),
+            z_channels=shapes["decoder.post_quant_conv.weight"][0])
+    except KeyError as e:
+        raise LoadError(f"{source}: no tensor {e} (BFL or diffusers naming); is this a FLUX.2 autoencoder?") from None
+
+
+def _check_vae_config_json(folder: Path):
+    """Reject diffusers settings that the tensor shapes cannot reveal but this module hard-codes."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{folder / 'config.json'}: not valid JSON ({e}); download it again") from None
+    want = {"norm_num_groups": 32, "batch_norm_eps": 1e-4, "patch_size": [2, 2], "act_fn": "silu"}
+    for key, value in want.items():
+        got = cfg.get(key, value)
+        if (list(got) if isinstance(got, (list, tuple)) else got) != value:
+            raise LoadError(f"{folder / 'config.json'}: {key}={got!r} is not supported (FLUX.2 uses {value!r})")
+
+
+def load_ae(path, device="cpu", dtype=torch.float32, config: AEConfig | None = None) -> AutoEncoder:
+    """Load a BFL `ae.safetensors` file or a diffusers `vae/` folder; the config is read off the tensor shapes."""
+    path = Path(path)
+    files = safetensors_files(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        _check_vae_config_json(path)
+    keys = read_keys(files)
+    levels = len({m.group(1) for k in keys if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
+    shapes = {_vae_bfl_name(k, levels): s for k, s in keys.items()}
+    config = config or _ae_config_from_shapes(shapes, levels, path)
+    with torch.device("meta"):
+        model = AutoEncoder(config)
+    assign_weights(model, _ae_tensors(files, levels), device=device, dtype=dtype, source=path,
+                   what="FLUX.2 autoencoder")
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A whole FLUX.2-dev snapshot, and the tiny random-weight stack for the CPU demo
+# Text encoder configuration (reference §6.1 table)
+
+@dataclass(frozen=True)
+class MistralConfig:
+    vocab_size: int = 131072
+    hidden_size: int = 5120
+    intermediate_size: int = 32768
+    num_layers: int = 40                # in the checkpoint; only max(output_layers) are built
+    num_heads: int = 32
+    num_kv_heads: int = 8               # GQA: 4 query heads share one key/value head
+    head_dim: int = 128                 # 32 x 128 = 4096 != hidden_size
+    rope_theta: float = 1e9
+    rms_norm_eps: float = 1e-5
+    output_layers: tuple[int, ...] = (10, 20, 30)   # hidden_states indices; 3 x 5120 = 15360 = DiT context dim
+
+
+TEXT_PRESETS = {
+    "mistral-small-3.2": MistralConfig(),
+    # For the CPU demo and tests: ids of Tokenizer.tiny() (< 1256), context 3 x 64 = 192 (the "tiny" DiT preset).
+    "tiny": MistralConfig(vocab_size=1280, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                          num_kv_heads=2, head_dim=16, output_layers=(1, 2, 3)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mistral decoder (HF `modeling_mistral.py` semantics, attention through SDPA)
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1 | x2] -> [-x2 | x1]: HF's non-interleaved RoPE pairing (channel p with p + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def mistral_rope(length: int, head_dim: int, theta: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [L, D] for positions 0..L-1 (pads included), computed in fp32 as HF does, cast to like's dtype."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=like.device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float32, device=like.device)[:, None] * inv_freq   # [L, D/2]
+    angles = torch.cat([angles, angles], dim=-1)                                                  # [L, D]
+    return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
+
+class MistralRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # HF order: normalise in fp32 (even for float64 input), cast back, then scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MistralAttention(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """x [B, L, H], cos/sin [L, D], mask [B, 1, L, L] (True = may attend) -> [B, L, H]."""
+        B, L, _ = x.shape
+        q, k, v = (proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)       # [B, heads, L, D]
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=True)
+        # A left pad's query sees only earlier pads, all masked out. SDPA's math and efficient kernels (CPU, and
+        # CUDA float32) return 0 for such a row, and the reference features at pad positions are built on that;
+        # CUDA's cuDNN kernel (chosen for bf16) returns arbitrary values there, so pin the 0 down.
+        o = o.masked_fill(~mask.any(dim=-1, keepdim=True), 0)                          # [B, heads, L, D]
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+
+
+class MistralMLP(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MistralLayer(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.input_layernorm = MistralRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MistralAttention(cfg)
+        self.post_attention_layernorm = MistralRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MistralMLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralEncoder(nn.Module):
+    """Token embeddings and the first max(output_layers) decoder layers; no final norm, no lm_head."""
+
+    def __init__(self, cfg: MistralConfig = MistralConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MistralLayer(cfg) for _ in range(max(cfg.output_layers)))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids [B, L], attention_mask [B, L] (1 = real token) -> [B, L, len(output_layers) * H],
+        per token [hs[k1] | hs[k2] | ...] where hs[k] is the residual stream after k layers."""
+        L = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)                                              # [B, L, H]
+        cos, sin = mistral_rope(L, self.cfg.head_dim, self.cfg.rope_theta, x)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        mask = (causal & attention_mask.bool()[:, None, :])[:, None]                  # [B, 1, L, L]
+        hidden = {}
+        for k, layer in enumerate(self.layers, start=1):
+            x = layer(x, cos, sin, mask)
+            hidden[k] = x
+        return torch.cat([hidden[k] for k in self.cfg.output_layers], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading HF transformers checkpoints (reference §6.1 key table; oracle §4.1)
+
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")  # Mistral3 old/new, MistralForCausalLM
+_NOT_TEXT = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.vision_tower.",
+             "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def _text_config(folder: Path, layers: tuple[int, ...]) -> MistralConfig:
+    """MistralConfig from a Mistral3 (`text_config`) or plain Mistral config.json; absent fields take the
+    Mistral3Config defaults, which are Mistral-Small-3.x's."""
+    file = folder / "config.json"
+    if not file.is_file():
+        hint = f"; pass {folder / 'text_encoder'}" if (folder / "text_encoder" / "config.json").is_file() else \
+            "; pass the Mistral-Small-3.2 checkpoint folder (or a FLUX.2-dev snapshot's text_encoder/)"
+        raise LoadError(f"{folder}: no config.json{hint}")
+    raw = json.loads(file.read_text())
+    c = raw.get("text_config", raw)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if c.get("model_type", "mistral") != "mistral" or c.get("hidden_act", "silu") != "silu" \
+            or rope.get("rope_type", "default") != "default":
+        raise LoadError(f"{file}: not a Mistral text model with plain RoPE (model_type {c.get('model_type')!r}, "
+                        f"rope {rope.get('rope_type')!r}); pass Mistral-Small-3.2-24B-Instruct-2506")
+    d = MistralConfig()
+    heads = c.get("num_attention_heads", d.num_heads)
+    cfg = MistralConfig(
+        vocab_size=c.get("vocab_size", d.vocab_size), hidden_size=c.get("hidden_size", d.hidden_size),
+        intermediate_size=c.get("intermediate_size", d.intermediate_size),
+        num_layers=c.get("num_hidden_layers", d.num_layers), num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads", d.num_kv_heads),
+        head_dim=c.get("head_dim") or c.get("hidden_size", d.hidden_size) // heads,
+        rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or d.rope_theta),
+        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), output_layers=tuple(layers))
+    if not layers or min(layers) < 1 or max(layers) >= cfg.num_layers:
+        # HF returns hs[num_layers] after the final norm, which this encoder does not model.
+        raise LoadError(f"{file}: layers {tuple(layers)} must lie in 1..{cfg.num_layers - 1} "
+                        f"(hidden state k = output of decoder layer k); FLUX.2 dev uses (10, 20, 30)")
+    window = c.get("sliding_window")
+    if window is not None and window < 512:
+        raise LoadError(f"{file}: sliding_window {window} < 512 is not supported; FLUX.2 needs full attention")
+    return cfg
+
+
+def _our_name(key: str, num_layers: int) -> str | None:
+    """Our name for a checkpoint key; None for tensors text conditioning never reads; the key itself if foreign."""
+    if key.startswith(_NOT_TEXT):
+        return None
+    prefix = next((p for p in _TEXT_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+        return key
+    name = key[len(prefix):]
+    if name.startswith("norm.") or (name.startswith("layers.") and int(name.split(".")[1]) >= num_layers):
+        return None
+    return name
+
+
+def load_text_encoder(path, layers=(10, 20, 30), device="cpu", dtype=torch.bfloat16) -> MistralEncoder:
+    """Load the language model of an HF Mistral3 / Mistral checkpoint folder (one file or index + shards),
+    reading only embeddings and layers below max(layers) from disk."""
+    path = Path(path)
+    cfg = _text_config(path, layers)
+    files = safetensors_files(path)
+    with torch.device("meta"):
+        model = MistralEncoder(cfg)
+    # Decide from the headers alone which tensors to read: the skipped ones (vision tower, lm_head, final norm,
+    # layers 30-39 of dev) are a third of the 48 GB and never touch host memory.
+    wanted = {k: _our_name(k, len(model.layers)) for k in read_keys(files)}
+    wanted = {k: name for k, name in wanted.items() if name is not None}
+    foreign = [k for k, name in wanted.items() if k == name]
+    if foreign:
+        raise LoadError(f"{path}: unexpected key {foreign[0]!r}; pass the transformers-format shards "
+                        f"(model-*.safetensors + index), not Mistral's consolidated.safetensors")
+    missing = sorted(set(model.state_dict()) - set(wanted.values()))
+    if missing:
+        raise LoadError(f"{path}: {len(missing)} text-encoder tensors missing, e.g. {missing[:3]}; "
+                        f"is the download complete?")
+
+    tensors = ((wanted[k], t) for k, t in iter_tensors(files, keep=wanted.__contains__))
+    assign_weights(model, tensors, device=device, dtype=dtype, source=path, what="Mistral text encoder")
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer (reference §6.1 prompt format; oracle §4.3, §4.6)
+
+SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
+                  "object relationships, object\nattribution and actions without speculation.")
+# Tekken control ids (mistral-common's defaults for tekken files without a special-token list).
+SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
+               "[SYSTEM_PROMPT]": 17, "[/SYSTEM_PROMPT]": 18}
+_NUM_SPECIAL = 1000  # ordinary token id = tekken rank + 1000
+
+
+def _byte_chars() -> str:
+    """GPT-2's printable stand-in character for each byte 0..255: the alphabet of byte-level `tokenizers` BPE."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
+
+
+def _byte_bpe(tokens: list[bytes], pattern: str | None) -> tokenizers.Tokenizer:
+    """A byte-level BPE that reproduces tiktoken's encoding with `tokens` (list index = rank; id = rank + 1000).
+
+    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank. A BPE merge list gives
+    the same result when it holds every split of every token into two tokens, ordered by the rank of the result;
+    `ignore_merges` mirrors tiktoken's shortcut of emitting a whole pre-token that is itself in the vocabulary."""
+    to_chars = str.maketrans({chr(b): c for b, c in enumerate(_byte_chars())})
+    text = [t.decode("latin-1").translate(to_chars) for t in tokens]      # bytes -> the BPE's unicode spelling
+    rank = {t: r for r, t in enumerate(tokens)}
+    merges = []
+    for t in tokens:                                                       # rank order = merge priority
+        splits = sorted((rank[t[:i]], rank[t[i:]]) for i in range(1, len(t)) if t[:i] in rank and t[i:] in rank)
+        merges += [(text[a], text[b]) for a, b in splits]
+    vocab = {s: r + _NUM_SPECIAL for r, s in enumerate(text)}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    split = [tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated")] if pattern else []
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        split + [tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return tok
+
+
+def _from_tekken(file: Path, raw: dict) -> tokenizers.Tokenizer:
+    """Convert a Mistral tekken.json (base64 token bytes by rank) to a `tokenizers` BPE."""
+    config = raw["config"]
+    num_special = config.get("default_num_special_tokens", _NUM_SPECIAL)
+    declared = {s["token_str"]: s["rank"] for s in raw.get("special_tokens") or []}
+    if num_special != _NUM_SPECIAL or any(declared.get(n, i) != i for n, i in SPECIAL_IDS.items()):
+        raise LoadError(f"{file}: special tokens differ from Mistral-Small-3.x's Tekken layout; "
+                        f"pass the Mistral-Small-3.1/3.2 tekken.json")
+    vocab = sorted(raw["vocab"], key=lambda v: v["rank"])[:config.get("default_vocab_size", 131072) - num_special]
+    return _byte_bpe([base64.b64decode(v["token_bytes"]) for v in vocab], config["pattern"])
+
+
+def _from_hf_json(file: Path, raw: dict) -> tokenizers.Tokenizer:
+    """An HF tokenizer.json with its added (control) tokens removed, so prompt text never turns into control ids."""
+    added = {t["content"]: t["id"] for t in raw.get("added_tokens", [])}
+    vocab = raw["model"].get("vocab") or {}
+    if any(added.get(n, vocab.get(n)) != i for n, i in SPECIAL_IDS.items()):
+        raise LoadError(f"{file}: control-token ids differ from Mistral's Tekken layout (<s>=1, <pad>=11, ...); "
+                        f"pass Mistral-Small-3.1's tokenizer.json")
+    # Padding and truncation stored by a previous padded call would turn every token into <pad>; we pad ourselves.
+    raw = {**raw, "added_tokens": [], "post_processor": None, "padding": None, "truncation": None}
+    return tokenizers.Tokenizer.from_str(json.dumps(raw))
+
+
+class Tokenizer:
+    """Tekken BPE plus the FLUX.2 [dev] prompt template: prompts -> left-padded ids and mask."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if path.is_dir():
+            path = next((path / n for n in ("tokenizer.json", "tekken.json") if (path / n).is_file()), path)
+        if not path.is_file():
+            raise LoadError(f"{path}: no tokenizer.json or tekken.json here; pass Mistral-Small-3.1's tokenizer file")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LoadError(f"{path}: not a JSON tokenizer file ({e}); the download may be truncated") from None
+        if "vocab" in raw and "config" in raw:
+            self.bpe = _from_tekken(path, raw)
+        elif "model" in raw:
+            self.bpe = _from_hf_json(path, raw)
+        else:
+            raise LoadError(f"{path}: neither an HF tokenizer.json nor a Mistral tekken.json")
+
+    @classmethod
+    def tiny(cls) -> "Tokenizer":
+        """A byte-level tokenizer built in code (bytes at ids 1000..1255, no merges) for the tiny demo model."""
+        self = cls.__new__(cls)
+        self.bpe = _byte_bpe([bytes([b]) for b in range(256)], pattern=None)
+        return self
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary token ids of text; control-token spellings in text stay plain text."""
+        return self.bpe.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of the ordinary tokens in ids (control tokens and pads dropped)."""
+        return self.bpe.decode([int(i) for i in ids if i >= _NUM_SPECIAL])
+
+    def encode_prompts(self, prompts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+        """Render each prompt in the FLUX.2 chat format, truncate on the right and left-pad with <pad>:
+        -> ids int64 [B, max_length], mask bool [B, max_length] (True = real token)."""
+        s = SPECIAL_IDS
+        system = self.encode(SYSTEM_MESSAGE)
+        texts = [p.replace("[IMG]", "") for p in prompts]   # as BFL: an image token in text would break the processor
+        ids = torch.full((len(prompts), max_length), s["<pad>"], dtype=torch.int64)
+        mask = torch.zeros(len(prompts), max_length, dtype=torch.bool)
+        for i, enc in enumerate(self.bpe.encode_batch(texts, add_special_tokens=False)):
+            row = [s["<s>"], s["[SYSTEM_PROMPT]"], *system, s["[/SYSTEM_PROMPT]"],
+                   s["[INST]"], *enc.ids, s["[/INST]"]][:max_length]
+            ids[i, max_length - len(row):] = torch.tensor(row)
+            mask[i, max_length - len(row):] = True
+        return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole FLUX.2-dev snapshot
 
 SNAPSHOT_PARTS = {  # part -> accepted locations inside a FLUX.2-dev snapshot directory, first match wins
     "transformer": ["flux2-dev.safetensors", "transformer"],
@@ -461,15 +1140,3 @@ def find_snapshot(model_dir) -> dict[str, Path]:
                             f"download that part of black-forest-labs/FLUX.2-dev into this folder")
         found[part] = hit
     return found
-
-
-def tiny_models(seed: int = 0, dtype=torch.float32):
-    """The tiny demo stack with random weights from `seed`: (DiT, autoencoder, text encoder, tokenizer)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        dit = Flux2(PRESETS["tiny"]).to(dtype)
-        ae = AutoEncoder(AE_PRESETS["tiny"]).to(dtype)
-        text = MistralEncoder(TEXT_PRESETS["tiny"]).to(dtype)
-    for m in (dit, ae, text):
-        m.eval().requires_grad_(False)
-    return dit, ae, text, Tokenizer.tiny()
