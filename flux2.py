@@ -195,8 +195,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 
 
 def layer_norm(x: Tensor) -> Tensor:
-    """LayerNorm without affine parameters, eps 1e-6 (pre-attention, pre-MLP and final norms)."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    """LayerNorm without affine parameters, eps 1e-6, returned in x's dtype (bf16 in training, as the reference;
+    autocast would otherwise hand back fp32 and double the traffic of the modulation that follows)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6).to(x.dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
