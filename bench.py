@@ -1,0 +1,474 @@
+"""Full-size FLUX.2 [dev] LoRA training on one GPU: seconds per step, MFU and memory for each offload.py strategy
+against a diffusers + PEFT baseline (issue 4), and the resident forward check (issue 2). Weights are random bf16:
+the numbers do not depend on their values. Follows docs/offload.md §6 for the FLOP and traffic bounds.
+
+    python bench.py --out bench/h100                        # the issue-4 table, about 9 minutes on one H100
+    python bench.py --forward-only --out bench/h100-fwd     # one forward at 1024², batch 1
+    python bench.py --preset tiny --device cpu --configs 1x64 --txt-len 16 --steps 1 --gpu-memory-limit 1 \\
+        --strategies resident,stream,auto,fsdp2 --diffusers-baseline --out /tmp/bench     # a dry run of every path
+
+FLOPs per step, for B samples of S tokens (image + text), T = B·S, N = 27.48e9 block parameters a token meets (a
+double block's token uses one stream's weights), A = 4·B·S²·H·L the attention forward (QKᵀ and PV, H = 6144,
+L = 56 blocks):
+    model work     4·N·T + 3·A     forward + activation-gradient backward (the base is frozen: no weight gradients),
+                                   attention forward + backward;            MFU = model work / (s/step · peak)
+    executed work  6·N·T + 4.5·A   adds the checkpoint recompute (2·N·T + A) and FlashAttention's recompute of the
+                                   scores in backward (0.5·A);                HFU = executed work / (s/step · peak)
+LoRA (~0.2% of N) and the embedders / final layer are left out. Peak = the card's measured bf16 matmul rate:
+H100 798 TFLOP/s (docs/offload.md §6), H200 730 (bench/RESULTS.md); --peak-tflops overrides.
+
+Runs go in this order, each skipped when the time budget would not cover it: the diffusers baseline (resident,
+batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024
+resident, the other eager runs as listed, the +compile runs, then FSDP2 (its own model; ours is freed first). Our
+model is built once and re-planned per run, keeping host copies, so host memory is pinned once. results.json and
+results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
+"""
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch: fewer fragments
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # huge pages for big host tensors: faster to fault in and pin
+
+import argparse
+import gc
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import flux2
+import lora
+import offload
+
+GiB = 2**30
+PEAK_TFLOPS = {"H100": 798, "H200": 730, "A100": 312}       # measured (H100, H200) or spec (A100) bf16 matmul
+HEADLINE = [(8, 1024, "auto"), (8, 1024, "stream"), (1, 1024, "resident")]
+OURS = {"resident": "checkpoint", "stream": "stream", "auto": "auto", "fsdp2": "fsdp2"}
+DIFFUSERS_LORA = (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                  r"to_add_out)|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements
+
+def tokens(side: int, txt_len: int) -> int:
+    return (side // 16) ** 2 + txt_len
+
+
+def flops(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int) -> tuple[float, float]:
+    """(model work, executed work) of one training step; see the module docstring."""
+    H, M, L = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.depth + cfg.depth_single_blocks
+    N = (4 * H * H + 3 * H * M) * L                  # qkv + proj + SwiGLU in/out per token per block
+    S = tokens(side, txt_len)
+    T, A = batch * S, 4 * batch * S * S * H * L
+    return 4 * N * T + 3 * A, 6 * N * T + 4.5 * A
+
+
+def host_gib() -> tuple[float, float]:
+    """(resident set, its peak) of this process in GiB."""
+    kb = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            kb[line[:5]] = int(line.split()[1])
+    return kb.get("VmRSS", 0) / 2**20, kb.get("VmHWM", 0) / 2**20
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_gib(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated(device) / GiB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB}
+
+
+def make_inputs(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int, device, dtype, seed: int = 0):
+    """(model inputs, flow-matching-like target), random."""
+    g = torch.Generator(device).manual_seed(seed)
+    h = side // 16
+    img = torch.randn(batch, h * h, cfg.in_channels, generator=g, device=device, dtype=dtype)
+    txt = torch.randn(batch, txt_len, cfg.context_in_dim, generator=g, device=device, dtype=dtype)
+    img_ids = flux2.image_ids(h, h).to(device)[None].expand(batch, -1, -1)
+    txt_ids = flux2.text_ids(txt_len).to(device)[None].expand(batch, -1, -1)
+    t = torch.rand(batch, generator=g, device=device)
+    guidance = torch.full((batch,), 4.0, device=device) if cfg.use_guidance_embed else None
+    return (img, img_ids, txt, txt_ids, t, guidance), torch.randn(img.shape, generator=g, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, device: torch.device):
+    """Weights ~ N(0, 0.02), norm scales 1, LoRA as lora.py starts it (A ~ N(0, 1/r²), B = 0), generated on the
+    device and copied to wherever the plan put each tensor (host copies and FSDP2 shards included)."""
+    from torch.distributed.tensor import DTensor
+    g = torch.Generator(device).manual_seed(0)
+    for name, p in model.named_parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p.data
+        if name.endswith("lora_B"):
+            t.zero_()
+        elif t.ndim == 1:
+            t.fill_(1.0)
+        else:
+            std = 1 / t.shape[0] if name.endswith("lora_A") else 0.02
+            t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=t.dtype).mul_(std))
+
+
+def train_step(forward, params: list, target: torch.Tensor, device: torch.device):
+    """One LoRA training step (MSE to the target, fused AdamW on the GPU) as a closure returning the loss."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        loss = F.mse_loss(forward().float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def timed_steps(step, warmup: int, steps: int, deadline: float, device: torch.device, label: str,
+                counter=lambda: 0) -> dict:
+    """Run warm-up then timed steps, stopping early when the next step would pass the deadline; `counted` is what
+    `counter` advanced over the timed steps."""
+    times, losses, last, mark = [], [], 0.0, counter()
+    for i in range(warmup + steps):
+        if i and time.time() + last > deadline:
+            return {"steps_s": times, "losses": losses, "counted": counter() - mark, "cut": f"after {i} steps"}
+        if i == warmup:
+            mark = counter()
+        t0 = time.perf_counter()
+        loss = step()
+        sync(device)
+        last = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(last)
+        print(f"  {label} step {i + 1}/{warmup + steps}: {last:.3f} s, loss {float(loss):.4f}", flush=True)
+    return {"steps_s": times, "losses": losses, "counted": counter() - mark}
+
+
+def summarise(r: dict, cfg, args, device):
+    """Add s/step, samples/s, MFU/HFU and memory to a run record that ran (or ran out of memory)."""
+    if r.get("steps_s"):
+        s = sum(r["steps_s"]) / len(r["steps_s"])
+        model_f, exec_f = flops(cfg, r["batch"], r["side"], args.txt_len)
+        r.update(s_per_step=s, samples_per_s=r["batch"] / s)
+        if args.peak_tflops:
+            r.update(mfu=model_f / s / (args.peak_tflops * 1e12), hfu=exec_f / s / (args.peak_tflops * 1e12))
+    if "losses" in r or r["status"] == "OOM":
+        r.update(gpu_gib(device))
+        r["host_rss_gib"], r["host_peak_rss_gib"] = host_gib()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The models under test
+
+class Ours:
+    """Our DiT with paper LoRA, built on meta once and re-planned for every run (host copies are kept)."""
+
+    def __init__(self, args, device, with_lora: bool = True):
+        self.args, self.device, self.cfg = args, device, flux2.PRESETS[args.preset]
+        with torch.device("meta"):
+            self.model = flux2.Flux2(self.cfg).to(args.dtype).requires_grad_(False)
+            self.lora = lora.inject(self.model, "paper", rank=args.rank) if with_lora else []
+        self.filled = False
+
+    def plan(self, strategy: str, batch: int, side: int, train: bool = True) -> offload.Plan:
+        return offload.plan_for(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy),
+                                device=self.device, batch_size=batch, tokens_per_sample=tokens(side, self.args.txt_len),
+                                train=train, gpu_memory_limit=self.args.gpu_memory_limit)
+
+    def prepare(self, strategy: str, batch: int, side: int, compile: bool, train: bool = True) -> offload.Plan:
+        plan = offload.prepare(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy), device=self.device,
+                               batch_size=batch, tokens_per_sample=tokens(side, self.args.txt_len), train=train,
+                               gpu_memory_limit=self.args.gpu_memory_limit, compile=compile,
+                               keep_host_copy=strategy != "fsdp2")
+        if not self.filled:
+            fill_random(self.model, self.device)
+            self.filled = True
+        return plan
+
+    def step_fn(self, batch: int, side: int):
+        x, target = make_inputs(self.cfg, batch, side, self.args.txt_len, self.device, self.args.dtype)
+        return train_step(lambda: self.model(*x), self.lora, target, self.device)
+
+    def free(self):
+        offload.release(self.model)
+        self.model = self.lora = None
+
+
+class Diffusers:
+    """diffusers' Flux2Transformer2DModel, resident, PEFT LoRA r16 on the same attention layers (single blocks:
+    the whole fused qkv+mlp input linear, which PEFT cannot slice), fp32 adapters, gradient checkpointing."""
+
+    def __init__(self, args, device):
+        from diffusers import Flux2Transformer2DModel
+        from peft import LoraConfig
+        c = flux2.PRESETS[args.preset]
+        self.args, self.device, self.cfg = args, device, c
+        with torch.device("meta"):
+            model = Flux2Transformer2DModel(
+                in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
+                attention_head_dim=c.hidden_size // c.num_heads, num_attention_heads=c.num_heads,
+                joint_attention_dim=c.context_in_dim, mlp_ratio=c.mlp_ratio, axes_dims_rope=tuple(c.axes_dim),
+                rope_theta=c.theta, guidance_embeds=c.use_guidance_embed).to(args.dtype)   # bf16 before allocating
+        model = model.to_empty(device=device).requires_grad_(False)
+        fill_random(model, device)
+        model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=DIFFUSERS_LORA))
+        self.lora = [p for p in model.parameters() if p.requires_grad]
+        for p in self.lora:
+            p.data = p.data.float()
+        model.enable_gradient_checkpointing()
+        self.model = model
+
+    def free(self):
+        self.model = self.lora = None
+
+    def step_fn(self, batch: int, side: int):
+        (img, img_ids, txt, txt_ids, t, guidance), target = make_inputs(
+            self.cfg, batch, side, self.args.txt_len, self.device, self.args.dtype)
+        return train_step(lambda: self.model(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=img_ids,
+                                             txt_ids=txt_ids, guidance=guidance, return_dict=False)[0],
+                          self.lora, target, self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run list, the time budget, the report
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for c in text.split(","):
+        try:
+            b, s = c.lower().split("x")
+            out.append((int(b), int(s)))
+        except ValueError:
+            raise SystemExit(f"bench.py: --configs entry {c!r} should look like 8x1024 (batch x side in pixels)")
+    return out
+
+
+def schedule(configs, strategies, diffusers: bool) -> list[tuple[int, int, str]]:
+    """Diffusers first (so the two models never share the GPU), then ours: the headline runs, the other eager runs,
+    the compiled runs (compile time is the least predictable), FSDP2 last (its own model); else as listed."""
+    runs = [(b, s, k) for b, s in configs for k in strategies]
+    runs.sort(key=lambda r: (r[2].startswith("fsdp2"), r[2].endswith("+compile"),
+                             HEADLINE.index(r) if r in HEADLINE else len(HEADLINE)))
+    base = [(b, s, "diffusers") for b, s in sorted(configs, key=lambda c: (c != (1, 1024), c)) if b <= 2]
+    return (base if diffusers else []) + runs
+
+
+def estimate_s(plan: offload.Plan | None, work: float, steps: int, args, pin_bytes: int, pin_rate: float) -> float:
+    """Rough seconds for a run: compute at half the peak, H2D at 45 GB/s (overlapped except under FSDP2), pinning."""
+    compute = work / (0.5 * (args.peak_tflops or 400) * 1e12)
+    h2d = plan.h2d_bytes_per_step / 45e9 if plan else 0.0
+    per = compute + h2d if plan and plan.strategy == "fsdp2" else max(compute, h2d)
+    return 10 + steps * per + pin_bytes / pin_rate
+
+
+def write_report(out: Path, meta: dict, results: list[dict]):
+    """results.json and results.md (rewritten after every run, so a cut-off run keeps what it measured)."""
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    f = lambda v, fmt: "" if v is None else format(v, fmt)
+    rows = ["| config | strategy | s/step | samples/s | MFU | HFU | peak GPU GiB | pinned GiB (plan / process) "
+            "| host RSS GiB "
+            "| H2D GiB/step (plan / measured) | status |", "|" + "---|" * 11]
+    for r in results:
+        h2d = "" if r.get("h2d_plan_gib") is None else \
+            f"{r['h2d_plan_gib']:.1f} / {f(r.get('h2d_measured_gib'), '.1f') or '-'}"
+        rows.append(f"| {r['batch']}x{r['side']} | {r['strategy']} | {f(r.get('s_per_step'), '.3f')} "
+                    f"| {f(r.get('samples_per_s'), '.2f')} | {f(r.get('mfu'), '.1%')} | {f(r.get('hfu'), '.1%')} "
+                    f"| {f(r.get('peak_gpu_gib'), '.1f')} "
+                    f"| {f(r.get('pinned_plan_gib'), '.1f')} / {f(r.get('pinned_gib'), '.1f')} "
+                    f"| {f(r.get('host_rss_gib'), '.1f')} | {h2d} | {r['status']} |")
+    plans = [f"### {r['batch']}x{r['side']} {r['strategy']}\n```\n{r['plan']}\n```" for r in results if r.get("plan")]
+    head = (f"# bench.py on {meta['device']} (torch {meta['torch']}), {meta['preset']}, LoRA r{meta['rank']}\n\n"
+            f"`{meta['command']}`\n\nMFU = (4·N·T + 3·A) / (s/step · {meta['peak_tflops']} TFLOP/s), HFU counts "
+            f"the recompute (6·N·T + 4.5·A); see bench.py. Pinned: what the plan streams (a fresh run pins exactly "
+            f"that) / what this process has page-locked (host copies are kept across re-plans, so it grows). "
+            f"diffusers: PEFT LoRA r16, on the whole fused qkv+mlp linear in single blocks.\n\n")
+    (out / "results.md").write_text(head + "\n".join(rows) + "\n\n" + "\n\n".join(plans) + "\n")
+    return "\n".join(rows)
+
+
+def run_training(args, device, out: Path, meta: dict, t_start: float):
+    """Every scheduled run; each records its numbers or why it has none. One model is alive at a time."""
+    deadline = t_start + args.time_budget
+    results, live, pin_rate = [], {}, 1.0 * GiB     # pin rate: re-measured from the first host copies
+    runs = schedule(parse_configs(args.configs), args.strategies.split(","), args.diffusers_baseline)
+    print(f"{len(runs)} runs: " + ", ".join(f"{b}x{s}:{k}" for b, s, k in runs), flush=True)
+
+    def model_for(family: str):
+        if family not in live:
+            for other in list(live):
+                live.pop(other).free()
+                free_memory(device)
+            live[family] = Diffusers(args, device) if family == "diffusers" else Ours(args, device)
+        return live[family]
+
+    for b, side, strategy in runs:
+        kind, compile = strategy.split("+")[0], strategy.endswith("+compile") or args.compile
+        family = kind if kind in ("diffusers", "fsdp2") else "ours"
+        steps, cfg = args.big_batch_steps if b >= 4 else args.steps, flux2.PRESETS[args.preset]
+        work = flops(cfg, b, side, args.txt_len)[1]
+        r = {"batch": b, "side": side, "strategy": strategy, "tokens_per_sample": tokens(side, args.txt_len),
+             "status": "ok"}
+        results.append(r)
+        print(f"\n=== {b}x{side} {strategy} ({time.time() - t_start:.0f} s elapsed) ===", flush=True)
+        model = None
+        try:
+            if family == "diffusers":
+                if time.time() + estimate_s(None, work, args.warmup + steps, args, 0, pin_rate) + 20 > deadline:
+                    r["status"] = "skipped: time budget"
+                    continue
+                t0 = time.time()
+                model = model_for(family)
+                r["prepare_s"] = time.time() - t0
+            else:
+                fresh = family not in live
+                model = model_for(family)
+                plan = model.plan(kind, b, side)
+                r["plan"], r["h2d_plan_gib"] = plan.describe(), plan.h2d_bytes_per_step / GiB
+                r["pinned_plan_gib"] = sum(plan.block_bytes[i] for i in plan.streamed) / GiB
+                if plan.budget_bytes and plan.peak_bytes > 1.05 * plan.budget_bytes:
+                    r["status"] = f"skipped: plan needs {plan.peak_bytes / GiB:.1f} > {plan.budget_bytes / GiB:.1f} GiB"
+                    continue
+                have = offload.stats(model.model)["host_copy_bytes"]
+                to_pin = sum(plan.block_bytes) + plan.root_bytes if family == "fsdp2" and fresh else \
+                    max(0, sum(plan.block_bytes[i] for i in plan.streamed) - have) if family == "ours" else 0
+                if time.time() + estimate_s(plan, work, args.warmup + steps, args, to_pin, pin_rate) \
+                        + 60 * compile > deadline:
+                    r["status"] = "skipped: time budget"
+                    continue
+                t0 = time.time()
+                if family == "ours" or fresh:      # FSDP2 shards once; later runs only change the batch
+                    model.prepare(kind, b, side, compile)
+                r["prepare_s"] = time.time() - t0
+                pinned = offload.stats(model.model)["host_copy_bytes"] - have
+                if pinned > GiB:
+                    pin_rate = pinned / r["prepare_s"]
+                    print(f"  new host copies: {pinned / GiB:.1f} GiB pinned in {r['prepare_s']:.1f} s", flush=True)
+            free_memory(device)
+            moved = (lambda: offload.stats(model.model)["moved_bytes"]) if family == "ours" else (lambda: 0)
+            r.update(timed_steps(model.step_fn(b, side), args.warmup, steps, deadline, device, f"{b}x{side} {strategy}",
+                                 moved))
+            if family == "ours" and r["steps_s"]:
+                r["h2d_measured_gib"] = r["counted"] / GiB / len(r["steps_s"])
+            if family != "diffusers":
+                r["pinned_gib"] = offload.stats(model.model)["pinned_bytes"] / GiB
+            if r.pop("cut", None) and not r["steps_s"]:
+                r["status"] = "cut: time budget"
+        except torch.OutOfMemoryError:
+            r["status"] = "OOM"
+        except offload.PlanError as e:
+            r["status"] = f"does not fit: {e}"
+        except Exception as e:              # a benchmark keeps going: record the error, free, next run
+            traceback.print_exc()
+            r["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        finally:
+            for p in (model.lora if model is not None and model.lora else []):
+                p.grad = None
+            summarise(r, cfg, args, device)
+            free_memory(device)
+            print(write_report(out, meta, results), flush=True)
+    for m in live.values():
+        m.free()
+    return results
+
+
+def run_forward(args, device, out: Path, meta: dict):
+    """Issue 2's check: resident forward without autograd, time and peak memory per config."""
+    ours, results = Ours(args, device, with_lora=False), []
+    for b, side in parse_configs(args.configs):
+        r = {"batch": b, "side": side, "strategy": "forward (no grad)", "status": "ok"}
+        results.append(r)
+        try:
+            plan = ours.prepare("auto", b, side, args.compile, train=False)
+            r["plan"] = plan.describe()
+            x, _ = make_inputs(ours.cfg, b, side, args.txt_len, device, args.dtype)
+            free_memory(device)
+            with torch.no_grad():
+                r.update(timed_steps(lambda: ours.model(*x).float().mean(), args.warmup, args.steps, float("inf"),
+                                     device, f"forward {b}x{side}"))
+            s = sum(r["steps_s"]) / len(r["steps_s"])
+            model_f = flops(ours.cfg, b, side, args.txt_len)[0] / 2     # forward = half the model work
+            r.update(s_per_step=s, samples_per_s=b / s, tflops_per_s=model_f / s / 1e12)
+            if args.peak_tflops:
+                r["mfu"] = model_f / s / (args.peak_tflops * 1e12)
+        except torch.OutOfMemoryError:
+            r["status"] = "OOM"
+        r.update(gpu_gib(device))
+        r["host_rss_gib"], r["host_peak_rss_gib"] = host_gib()
+        (out / "forward.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+        print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)
+    rows = ["| config | s/forward | TFLOP/s | MFU | peak GPU GiB | status |", "|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['batch']}x{r['side']} | {r.get('s_per_step', 0):.3f} | {r.get('tflops_per_s', 0):.0f} "
+                    f"| {r.get('mfu', 0):.1%} | {r.get('peak_gpu_gib', 0):.1f} | {r['status']} |")
+    (out / "forward.md").write_text(f"# forward, {meta['device']}, torch {meta['torch']}\n\n" + "\n".join(rows) + "\n")
+    print("\n".join(rows), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", default=None,
+                   help="batch x side in pixels, comma-separated (default 8x1024,1x1024,1x512,2x1024; forward-only "
+                        "1x1024,1x512)")
+    p.add_argument("--strategies", default="auto,stream,resident,auto+compile,fsdp2",
+                   help="resident | stream | auto | fsdp2, each optionally +compile (e.g. auto+compile)")
+    p.add_argument("--diffusers-baseline", action="store_true", help="also diffusers + PEFT, resident, batch <= 2")
+    p.add_argument("--forward-only", action="store_true", help="issue 2: one resident forward per config, no grad")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (batch < 4)")
+    p.add_argument("--big-batch-steps", type=int, default=2, help="timed steps at batch >= 4")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--time-budget", type=float, default=530, help="seconds; runs that would not fit are skipped")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (all runs)")
+    p.add_argument("--gpu-memory-limit", type=float, default=None, help="GiB the planner may use (default: free)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by card name)")
+    p.add_argument("--preset", default="dev", choices=sorted(flux2.PRESETS))
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--txt-len", type=int, default=512)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    args.dtype = torch.bfloat16
+    args.configs = args.configs or ("1x1024,1x512" if args.forward_only else "8x1024,1x1024,1x512,2x1024")
+    t_start = time.time()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: no CUDA device here; for a dry run pass --device cpu --preset tiny")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    args.peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if "compile" in args.strategies or args.compile:
+        torch._dynamo.config.cache_size_limit = 64     # two block classes x shapes x block 0's input
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": name, "torch": torch.__version__, "preset": args.preset, "rank": args.rank,
+            "peak_tflops": args.peak_tflops, "command": "python bench.py " + " ".join(argv or os.sys.argv[1:]),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    print(json.dumps(meta), flush=True)
+    try:
+        if args.forward_only:
+            run_forward(args, device, args.out, meta)
+        else:
+            run_training(args, device, args.out, meta, t_start)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"done in {time.time() - t_start:.0f} s; results in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

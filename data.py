@@ -1,0 +1,323 @@
+"""Training data for FLUX.2 LoRA: image folders with captions, crops and aspect buckets, and an on-disk cache of
+VAE latents and text features so the text encoder runs once per caption and never shares the GPU with the DiT.
+
+Follows /work/shared/docs/flux2_reference.md §5.4 (the latent the DiT trains on: VAE mean -> 2x2 patchify ->
+BN-normalised, 128 channels at /16) and §6.1 / §8 (identical text preprocessing in training and sampling).
+Images are centre-cropped and resized (the report's CenterCrop + resize); with buckets, to the bucket of the
+closest aspect ratio instead of a square.
+
+    folder/ a.png + a.txt, b.jpg + b.txt, ...   or   folder/ *.png + metadata.jsonl {"file_name", "text"}
+    cache/latents/<hash>.safetensors  latent [128, h/16, w/16]    hash of (image bytes, AE, size, crop method)
+    cache/text/<hash>.safetensors     ctx [512, ctx_dim]           hash of (caption, text encoder, length)
+"""
+import gc
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+
+from flux2 import LoadError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+CROP_METHOD = "center-crop+lanczos-v1"  # part of the latent cache key: change it when preprocessing changes
+TEXT_LENGTH = 512                       # FLUX.2 [dev] pads every prompt to 512 tokens (reference §6.1)
+
+
+class DataError(LoadError):
+    """A dataset the trainer cannot use; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training image: its file, caption, content hash and the (width, height) it is trained at."""
+    path: Path
+    caption: str
+    digest: str
+    size: tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding images and captions
+
+def _metadata(folder: Path) -> dict[str, str]:
+    """file_name -> text from metadata.jsonl (empty when the file is absent)."""
+    file = folder / "metadata.jsonl"
+    if not file.is_file():
+        return {}
+    captions = {}
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{file}:{n}: expected a JSON object with \"file_name\" and \"text\"; fix that line")
+    for name in captions:
+        if not (folder / name).is_file():
+            raise DataError(f"{file}: lists {name!r}, which is not in {folder}; remove the line or add the image")
+    return captions
+
+
+def find_images(folder, default_caption: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image in `folder`, sorted by name; captions come from metadata.jsonl,
+    else a same-stem .txt, else `default_caption`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; pass --data a folder of images with .txt captions")
+    meta = _metadata(folder)
+    images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS}
+    images = sorted(images | {folder / name for name in meta})   # metadata may name files in subfolders
+    if not images:
+        raise DataError(f"{folder}: no images (jpg, png, webp) in this folder; put the training images there")
+    out = []
+    for path in images:
+        txt, name = path.with_suffix(".txt"), path.relative_to(folder).as_posix()
+        if name in meta:
+            caption = meta[name]
+        elif txt.is_file():
+            caption = txt.read_text(encoding="utf-8").strip()
+        elif default_caption is not None:
+            caption = default_caption
+        else:
+            raise DataError(f"{path}: no caption; write {txt.name} next to it, list it in metadata.jsonl, "
+                            f"or pass --default-caption")
+        out.append((path, caption))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes: square crops or aspect-ratio buckets
+
+def bucket_sizes(resolution: int, max_ratio: float = 2.0, step: int = 16) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides multiples of `step`, width*height <= resolution^2 and as close to it as
+    the grid allows, aspect ratios up to `max_ratio`."""
+    area = resolution * resolution
+    sizes = []
+    for w in range(step, int(resolution * math.sqrt(max_ratio)) + step, step):
+        h = area // w // step * step             # round down: a bucket never costs more memory than res^2
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            sizes.append((w, h))
+    return sizes
+
+
+def pick_size(width: int, height: int, resolution: int, buckets: bool) -> tuple[int, int]:
+    """The training size of a width x height image: res x res, or the bucket of the closest aspect ratio."""
+    if not buckets:
+        return resolution, resolution
+    aspect = math.log(width / height)
+    return min(bucket_sizes(resolution), key=lambda s: abs(math.log(s[0] / s[1]) - aspect))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pixels
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float greys are rescaled (PIL would clip them), alpha is
+    composited on white (transparent areas are usually meant as background), EXIF rotation applied."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            a = a / 257.0                        # integer greys hold 16-bit values: 65535 -> 255
+        elif a.max() <= 1.0:
+            a = a * 255.0                        # float greys in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Decode an image file fully as RGB; raises OSError/ValueError for corrupt or truncated files."""
+    with Image.open(path) as img:
+        img.load()                               # forces the full decode: truncated files fail here, not later
+        return to_rgb(img)
+
+
+def center_crop_resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest centred box of aspect width:height, resized to width x height (Lanczos)."""
+    w, h = img.size
+    scale = min(w / width, h / height)
+    cw, ch = width * scale, height * scale
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    return img.resize((width, height), Image.Resampling.LANCZOS, box=box)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (what AutoEncoder.encode takes)."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return a.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cache: one safetensors file per item, written atomically, named by a content hash
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """Call write(tmp) and rename tmp onto path, so `path` is either absent, the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _hash(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def text_key(caption: str, text_id: str) -> str:
+    """Cache key of a caption's text features."""
+    return _hash("text", caption, text_id, TEXT_LENGTH)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, read from the header without decoding pixels."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)   # 90/270-degree orientations
+
+
+def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolution: int, buckets: bool = False,
+                  default_caption: str | None = None, device="cpu") -> list[Item]:
+    """Encode every image of `folder` not yet in the cache; return the usable items in name order. `load_ae()`
+    is called only if something is missing. Unreadable images are skipped with one warning listing them."""
+    if resolution % 16:
+        raise DataError(f"--resolution {resolution}: must be a multiple of 16 (the VAE's x8 and the 2x2 patch)")
+    items, bad, todo = [], [], []
+    for path, caption in find_images(folder, default_caption):
+        try:
+            raw = path.read_bytes()
+            with Image.open(path) as img:        # header only: the size picks the bucket
+                size = _size(img)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt / unknown files
+            bad.append(f"{path.name} ({type(e).__name__}: {e})")
+            continue
+        w, h = pick_size(*size, resolution, buckets)
+        item = Item(path, caption, _hash("latent", raw, ae_id, w, h, CROP_METHOD), (w, h))
+        (todo if not latent_path(cache_dir, item).is_file() else items).append(item)
+    ae = None
+    for item in todo:
+        try:
+            pixels = to_tensor(center_crop_resize(load_image(item.path), *item.size))
+        except (OSError, ValueError, SyntaxError) as e:  # truncated files fail only when decoded
+            bad.append(f"{item.path.name} ({type(e).__name__}: {e})")
+            continue
+        if ae is None:
+            ae = load_ae()
+        dtype = next(ae.parameters()).dtype
+        with torch.no_grad():
+            z = ae.encode(pixels[None].to(device, dtype))[0]            # [128, h/16, w/16]
+        atomic_write(latent_path(cache_dir, item), lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
+        items.append(item)
+    del ae
+    _free()
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad), stacklevel=2)
+    if not items:
+        raise DataError(f"{folder}: no usable image ({len(bad)} unreadable); check the files")
+    return sorted(items, key=lambda it: it.path)
+
+
+def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Callable, batch_size: int = 4) -> None:
+    """Encode every distinct text not yet in the cache. `load_encoder()` -> a function list[str] -> [B, 512, ctx];
+    it is called only if something is missing, and freed before returning (the DiT must not meet it on the GPU)."""
+    missing = [t for t in dict.fromkeys(texts) if not text_path(cache_dir, t, text_id).is_file()]
+    if not missing:
+        return
+    encode = load_encoder()
+    for i in range(0, len(missing), batch_size):
+        chunk = missing[i:i + batch_size]
+        with torch.no_grad():
+            ctx = encode(chunk)                                          # [b, 512, ctx_dim]
+        for text, c in zip(chunk, ctx):
+            atomic_write(text_path(cache_dir, text, text_id), lambda f: save_file({"ctx": c.cpu().contiguous()}, f))
+    del encode
+    _free()
+
+
+def latent_path(cache_dir, item: Item) -> Path:
+    """Where an item's latent is cached."""
+    return Path(cache_dir) / "latents" / f"{item.digest}.safetensors"
+
+
+def text_path(cache_dir, text: str, text_id: str) -> Path:
+    """Where a caption's text features are cached."""
+    return Path(cache_dir) / "text" / f"{text_key(text, text_id)}.safetensors"
+
+
+def load_text(cache_dir, text: str, text_id: str) -> torch.Tensor:
+    """Cached text features [512, ctx_dim] of one text."""
+    return load_file(text_path(cache_dir, text, text_id))["ctx"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches in a deterministic, resumable order
+
+class Loader:
+    """Endless batches of cached (latent, text) pairs. Each epoch is a seeded shuffle, grouped so a batch holds
+    one bucket size; the position (epoch, batch index) is the whole state, so resuming repeats the exact order."""
+
+    def __init__(self, items: list[Item], *, cache_dir, text_id: str, batch_size: int, repeats: int = 1,
+                 seed: int = 0):
+        self.items = [it for it in items for _ in range(repeats)]
+        self.cache_dir, self.text_id, self.batch_size, self.seed = cache_dir, text_id, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._plan = self._epoch_plan(0)
+
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        by_size = {}
+        for i in torch.randperm(len(self.items), generator=g).tolist():
+            by_size.setdefault(self.items[i].size, []).append(i)
+        batches = [idx[j:j + self.batch_size] for idx in by_size.values() for j in range(0, len(idx), self.batch_size)]
+        return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+
+    def state_dict(self) -> dict:
+        """The position of the next batch."""
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by state_dict()."""
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._plan = self._epoch_plan(self.epoch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        """{"latents" [B, 128, h, w], "ctx" [B, 512, ctx_dim], "captions" list[str]} for the next batch."""
+        if self.pos >= len(self._plan):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._plan = self._epoch_plan(self.epoch)
+        batch = [self.items[i] for i in self._plan[self.pos]]
+        self.pos += 1
+        return {"latents": torch.stack([load_file(latent_path(self.cache_dir, it))["latent"] for it in batch]),
+                "ctx": torch.stack([load_text(self.cache_dir, it.caption, self.text_id) for it in batch]),
+                "captions": [it.caption for it in batch]}

@@ -1,0 +1,315 @@
+"""offload.py: every strategy trains a tiny FLUX.2 exactly like the plain model, the streamer visits and prefetches
+blocks in forward then recompute order, and the planner decides what its arithmetic says (docs/offload.md)."""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import flux2
+import lora
+import offload
+from offload import GiB
+
+B, SIDE, LT = 2, 4, 8                      # batch, image side in tokens, text tokens
+S = SIDE * SIDE + LT                       # tokens per sample
+TINY6 = dataclasses.replace(flux2.PRESETS["tiny"], depth_single_blocks=6)   # enough blocks to stream some
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tiny(cfg=flux2.PRESETS["tiny"], seed=0, meta=False):
+    """A float64 tiny DiT with paper LoRA whose B factors are non-zero, so every adapter has a gradient."""
+    torch.manual_seed(seed)
+    with torch.device("meta" if meta else "cpu"):
+        model = flux2.Flux2(cfg).double()
+        params = lora.inject(model, "paper", rank=4)
+    if not meta:
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(step, cfg=flux2.PRESETS["tiny"]):
+    g = torch.Generator().manual_seed(100 + step)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    return ((r(B, SIDE * SIDE, cfg.in_channels), flux2.image_ids(SIDE, SIDE)[None].expand(B, -1, -1),
+             r(B, LT, cfg.context_in_dim), flux2.text_ids(LT)[None].expand(B, -1, -1),
+             torch.rand(B, generator=g, dtype=torch.float64), torch.full((B,), 4.0, dtype=torch.float64)),
+            r(B, SIDE * SIDE, cfg.in_channels))
+
+
+def train(model, steps=3, cfg=flux2.PRESETS["tiny"]):
+    """(loss, {name: grad}) per AdamW step."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+    out = []
+    for s in range(steps):
+        x, target = batch(s, cfg)
+        loss = F.mse_loss(model(*x), target)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in named}))
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+def assert_same_training(got, ref, tol=1e-12):
+    for (loss, grads), (loss_ref, grads_ref) in zip(got, ref, strict=True):
+        assert rel(loss, loss_ref) <= tol
+        assert grads.keys() == grads_ref.keys()
+        for n in grads:
+            assert rel(grads[n], grads_ref[n]) <= tol, n
+
+
+def prepare(model, strategy, **kw):
+    kw.setdefault("gpu_memory_limit", 1.0)   # on a CPU device a limit makes the plan stream as on a GPU
+    return offload.prepare(model, model.blocks, strategy=strategy, device="cpu", batch_size=B, tokens_per_sample=S,
+                           **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only contend with whatever else runs on the machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train(tiny())
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "stream", "none"])
+def test_strategy_trains_like_the_plain_model(strategy, reference):
+    model = tiny()
+    plan = prepare(model, strategy)
+    assert plan.streamed == ([0, 1, 2, 3] if strategy == "stream" else [])
+    assert plan.checkpointed == ([] if strategy == "none" else [0, 1, 2, 3])
+    assert_same_training(train(model), reference)
+
+
+def test_cpu_without_limit_keeps_blocks_resident_and_checkpointed(reference):
+    model = tiny()
+    plan = prepare(model, "stream", gpu_memory_limit=None)
+    assert (plan.resident, plan.streamed, plan.checkpointed) == ([0, 1, 2, 3], [], [0, 1, 2, 3])
+    assert offload.stats(model)["host_copy_bytes"] == 0
+    assert_same_training(train(model), reference)
+
+
+def test_apply_checkpointing_keeps_block0_lora_gradients(reference):
+    model = tiny()
+    offload.apply_checkpointing(model.blocks)
+    got = train(model, steps=1)
+    assert_same_training(got, reference[:1])
+    block0 = [g for n, g in got[0][1].items() if n.startswith("double_blocks.0.")]
+    assert len(block0) == 8 and all(g.abs().max() > 0 for g in block0)   # img/txt qkv/proj A and B
+
+
+def test_auto_streams_some_single_blocks_and_trains_like_the_plain_model():
+    ref, model = train(tiny(TINY6), cfg=TINY6), tiny(TINY6)
+    n = len(model.blocks)
+    # shrink the limit in steps of 1% of the all-resident need until auto starts streaming
+    plan_at = lambda gib: offload.plan_for(model, model.blocks, device="cpu", batch_size=B, tokens_per_sample=S,
+                                           gpu_memory_limit=gib)
+    limit = need = plan_at(1.0).peak_bytes / GiB / 0.95
+    while not plan_at(limit).streamed:
+        limit -= need / 100
+    plan = prepare(model, "auto", gpu_memory_limit=limit)
+    assert 0 < len(plan.streamed) < n and min(plan.streamed) >= 2       # only single blocks (the smaller ones)
+    assert plan.peak_bytes <= plan.budget_bytes
+    assert_same_training(train(model, cfg=TINY6), ref)
+
+
+def test_auto_spends_spare_memory_on_skipping_checkpoints_and_trains_like_the_plain_model(reference):
+    model = tiny()
+    plan_at = lambda gib: offload.plan_for(model, model.blocks, device="cpu", batch_size=B, tokens_per_sample=S,
+                                           gpu_memory_limit=gib)
+    limit = plan_at(1.0).peak_bytes / GiB / 0.95          # every block un-checkpointed just fits
+    while len(plan_at(limit).checkpointed) < 2:
+        limit *= 0.999
+    plan = prepare(model, "auto", gpu_memory_limit=limit)
+    assert plan.streamed == [] and plan.checkpointed == [0, 1]                # the last blocks keep activations
+    assert_same_training(train(model), reference)
+
+
+def test_meta_model_gets_its_storage_in_place_and_trains_like_the_plain_model(reference):
+    model, values = tiny(meta=True), tiny().state_dict()
+    prepare(model, "stream")
+    with torch.no_grad():                    # load after prepare, as flux2 loaders or bench.py's random fill do
+        for name, p in model.named_parameters():
+            p.copy_(values[name])
+    assert_same_training(train(model), reference)
+
+
+def test_stream_weights_move_into_one_host_buffer_per_block():
+    model = tiny()
+    prepare(model, "stream")
+    hosts = offload._state(model).hosts
+    for b in model.blocks:
+        ptrs = {p.untyped_storage().data_ptr() for p in b.parameters() if not p.requires_grad}
+        assert ptrs == {hosts[b].buf.untyped_storage().data_ptr()}     # the original CPU tensors are gone
+        assert all(p.device.type == "cpu" for p in b.parameters() if p.requires_grad)
+    assert offload.stats(model)["host_copy_bytes"] == sum(h.nbytes for h in hosts.values())
+
+
+def test_streamer_prefetches_in_forward_then_recompute_order(monkeypatch):
+    model, events = tiny(), []
+    plan = prepare(model, "stream")
+    acquire, load = offload._Streamer.acquire, offload._Streamer._load
+    monkeypatch.setattr(offload._Streamer, "acquire",
+                        lambda self, r, backward, train: (events.append(("use", r, backward)),
+                                                          acquire(self, r, backward, train))[1])
+    monkeypatch.setattr(offload._Streamer, "_load", lambda self, r: (events.append(("load", r)), load(self, r))[1])
+    train(model, steps=1)
+    moved = offload.stats(model)["moved_bytes"]
+    events.clear()
+    train(model, steps=1)
+    # blocks 0 and 1 are still in the ring from the last backward, 3 and 2 from this forward; every other block
+    # is copied while the block before it (in visiting order) computes
+    assert events == [("use", 0, False), ("use", 1, False), ("load", 2), ("use", 2, False), ("load", 3),
+                      ("use", 3, False), ("use", 3, True), ("use", 2, True), ("load", 1), ("use", 1, True),
+                      ("load", 0), ("use", 0, True)]
+    assert offload.stats(model)["moved_bytes"] - moved == plan.h2d_bytes_per_step
+
+
+@pytest.mark.parametrize("cfg", [flux2.PRESETS["tiny"], dataclasses.replace(TINY6, depth_single_blocks=5)])
+def test_streamed_inference_matches_and_refuses_autograd_without_checkpointing(cfg):
+    ref, model = tiny(cfg), tiny(cfg)
+    prepare(model, "stream", train=False)    # an odd block count exercises the wrap-around to block 0
+    x, _ = batch(0, cfg)
+    with torch.no_grad():
+        want = ref(*x)
+        for _ in range(3):
+            assert rel(model(*x), want) <= 1e-12
+    with pytest.raises(RuntimeError, match="checkpointing"):
+        model(*x)
+
+
+def test_replanning_with_kept_host_copies(reference):
+    model = tiny()
+    prepare(model, "stream", keep_host_copy=True)
+    got = train(model, steps=1)
+    prepare(model, "checkpoint", keep_host_copy=True)
+    assert offload.stats(model)["host_copy_bytes"] > 0 and offload._state(model).streamer is None
+    got += train(model, steps=1)
+    prepare(model, "stream")
+    got += train(model, steps=1)
+    # AdamW restarts per call, so compare with three one-step runs of the reference model
+    ref_model = tiny()
+    want = [train(ref_model, steps=1)[0] for _ in range(3)]
+    assert_same_training(got, want)
+    offload.release(model)
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_fsdp2_on_gloo_trains_like_the_plain_model(reference):
+    from torch.distributed.tensor import DTensor
+    values = tiny().state_dict()
+    try:
+        for meta in (False, True):          # loaded on the CPU, or sharded on meta and loaded into the shards
+            model = tiny(meta=meta)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            plan = prepare(model, "fsdp2", gpu_memory_limit=None)
+            assert plan.streamed == [0, 1, 2, 3] and plan.checkpointed == [0, 1, 2, 3]
+            assert all(isinstance(p, DTensor) for p in model.blocks[0].parameters() if not p.requires_grad)
+            assert [id(p) for p in model.parameters() if p.requires_grad] == [id(p) for p in trainable]   # same objects
+            assert not any(isinstance(p, DTensor) for p in trainable)
+            if meta:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        (p.to_local() if isinstance(p, DTensor) else p).copy_(values[name])
+            assert_same_training(train(model), reference)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The planner's arithmetic
+
+MiB = 2**20
+_DEV = []
+
+
+def dev_plan(batch_size, side, limit_gib=79.0, strategy="auto"):
+    """The plan for FLUX.2 [dev] (bf16, paper LoRA r16) at a given batch and resolution, on an 79 GiB budget."""
+    if not _DEV:
+        with torch.device("meta"):
+            _DEV.append(flux2.Flux2(flux2.PRESETS["dev"]).to(torch.bfloat16))
+            lora.inject(_DEV[0], "paper", rank=16)
+    model = _DEV[0]
+    return offload.plan_for(model, model.blocks, strategy=strategy, device="cpu", batch_size=batch_size,
+                            tokens_per_sample=(side // 16) ** 2 + 512, gpu_memory_limit=limit_gib)
+
+
+def test_dev_1024_batch8_streams_the_fewest_single_blocks_evenly_spread():
+    p = dev_plan(8, 1024)
+    single, double = p.block_bytes[8], p.block_bytes[0]
+    assert p.block_bytes == [double] * 8 + [single] * 48 and double == 2 * single
+    unit = 4608 * 6144 * 2                                             # one block input: 4608 tokens x 6144 x bf16
+    budget, margin = 79 * GiB, 3 * GiB
+    # LoRA r16, fp32, x4 for AdamW: per double block 2 streams x (qkv 6144->18432 + proj 6144->6144), per single
+    # block qkv rows of linear1 (6144->18432) + linear2 (24576->6144)
+    lora_bytes = 16 * (8 * 2 * (6144 + 18432 + 6144 + 6144) + 48 * (6144 + 18432 + 24576 + 6144)) * 4
+    fixed = p.root_bytes + 4 * lora_bytes + 8 * (56 * offload.SAVED_UNITS + offload.WORK_UNITS) * unit
+    k = math.ceil((fixed + sum(p.block_bytes) + 2 * single - (budget - margin)) / single)   # ring: 2 single slots
+    assert 0 < k <= 48 and p.streamed == sorted(p.streamed) and len(p.streamed) == k and min(p.streamed) >= 8
+    gaps = {b - a for a, b in zip(p.streamed, p.streamed[1:])}
+    assert max(gaps) - min(gaps) <= 1                                  # evenly spread among the single blocks
+    assert p.checkpointed == list(range(56)) and p.slot_bytes == single
+    assert p.peak_bytes <= budget - margin < p.peak_bytes + single     # one block fewer would not fit
+    R = 2
+    assert p.h2d_bytes_per_step == (k - R) * single * 2
+    assert "streamed: %d of 56 blocks" % k in p.describe()
+
+
+@pytest.mark.parametrize("side", [512, 1024])
+def test_dev_batch1_stays_resident_and_spends_spare_memory_on_skipping_checkpoints(side):
+    p = dev_plan(1, side)
+    assert p.streamed == [] and p.h2d_bytes_per_step == 0
+    unit = ((side // 16) ** 2 + 512) * 6144 * 2
+    budget, margin = 79 * GiB, 3 * GiB
+    resident = dev_plan(1, side, strategy="checkpoint").peak_bytes
+    plain = (budget - margin - resident) // ((offload.KEEP_UNITS - offload.SAVED_UNITS) * unit)
+    assert plain > 0 and p.checkpointed == list(range(56 - plain))
+    assert p.peak_bytes <= budget - margin
+
+
+def test_dev_does_not_fit_and_says_why():
+    with pytest.raises(offload.PlanError, match="even with every block streamed"):
+        dev_plan(8, 1024, limit_gib=40.0)
+    assert dev_plan(8, 1024, strategy="checkpoint").peak_bytes > 79 * GiB   # forced resident: over budget, warned
+    assert "OVER BUDGET" in dev_plan(8, 1024, strategy="checkpoint").describe()
+
+
+def test_plan_arithmetic_on_round_numbers():
+    blocks = [4 * MiB, 4 * MiB, 1 * MiB, 2 * MiB, 3 * MiB]
+    kw = dict(work_bytes_per_sample=1 * MiB, keep_bytes_per_block_sample=2 * MiB, trainable_bytes=MiB // 4)
+    # stream: forward copies ranks 2.. (the ring still holds 0, 1), backward ranks ..2 (it holds 4, 3)
+    p = offload.plan(blocks, MiB, 100 * GiB, MiB // 8, 2, strategy="stream", **kw)
+    assert p.h2d_bytes_per_step == (1 + 2 + 3) * MiB + (4 + 4 + 1) * MiB and p.slot_bytes == 4 * MiB
+    # fixed = root 1 + 4 x 0.25 (AdamW) + 2 x (5 x 1/8 + 1) = 5.25 MiB, blocks 14 MiB: all resident at 19.25 MiB
+    budget = lambda need: int(need / 0.95) + 1      # a small budget keeps a 5% margin
+    p = offload.plan(blocks, MiB, budget(19.25 * MiB), MiB // 8, 2, **kw)
+    assert p.streamed == [] and p.checkpointed == [0, 1, 2, 3, 4] and p.peak_bytes == int(19.25 * MiB)
+    # a block that keeps its activations costs 2 x (2 - 1/8) = 3.75 MiB: 3.5 MiB spare buys nothing, 3.75 one block
+    assert offload.plan(blocks, MiB, budget(22.75 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3, 4]
+    assert offload.plan(blocks, MiB, budget(23.0 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3]
+    # 2 MiB short: streaming the 1, 2, 3 MiB blocks frees 6 but the ring takes 2 x 3; adding a 4 MiB one frees 10
+    # for a ring of 2 x 4: the smallest set that fits
+    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, **kw)
+    assert p.streamed == [1, 2, 3, 4] and p.resident == [0] and p.peak_bytes == int(17.25 * MiB)
+    # inference: nothing saved, optimizer holds nothing, no checkpointing
+    p = offload.plan(blocks, MiB, None, MiB // 8, 2, train=False, **kw)
+    assert p.checkpointed == [] and p.peak_bytes == MiB + MiB // 4 + 2 * MiB + 14 * MiB
+    with pytest.raises(ValueError, match="choose one of"):
+        offload.plan(blocks, MiB, None, 0, 1, strategy="zero3", **kw)
