@@ -359,6 +359,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", choices=["tiny"], help="the tiny random-weight demo model (CPU-friendly)")
     p.add_argument("--offload", default="auto", choices=offload.STRATEGIES,
                    help="how the DiT's blocks are placed on the GPU (offload.py); auto: resident if they fit")
+    p.add_argument("--gpu-memory-limit", type=float, help="GiB the planner may use on the GPU (default: what is free)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the blocks when they are all resident (default: on with CUDA; ~30 s warm-up)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     return p
 
@@ -411,7 +414,8 @@ def run(args) -> list[Path]:
         lora.load(models.dit, s["lora"], scale=s["lora_scale"])
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     offload.prepare(models.dit, models.dit.blocks, strategy=args.offload, device=device, batch_size=1,
-                    tokens_per_sample=tokens, train=False)                # prints the plan
+                    tokens_per_sample=tokens, train=False, gpu_memory_limit=args.gpu_memory_limit,
+                    compile=device.type == "cuda" if args.compile is None else args.compile)   # prints the plan
 
     # 3. sample and decode, one image at a time
     outs = [args.out] if len(s["prompts"]) == 1 else \

@@ -261,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     a("--timestep-sampling", choices=["shift", "logit-normal", "uniform"], default="shift")
     a("--guidance", type=float, default=4.0, help="guidance value fed to the guidance embedder while training")
-    a("--offload", choices=["auto", "none", "checkpoint", "fsdp2", "stream"], default="auto")
+    a("--offload", choices=offload.STRATEGIES, default="auto",
+      help="block placement (offload.py): auto = resident if everything fits, else stream the fewest blocks")
+    a("--gpu-memory-limit", type=float, help="GiB the planner may use on the GPU (default: what is free)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the blocks when the plan keeps them all resident (default: on with CUDA)")
     a("--device", help="cuda or cpu (default: cuda when available)")
     a("--seed", type=int, default=0)
     a("--save-every", type=int, default=250, help="checkpoint every N steps (0: only at the end)")
@@ -346,7 +350,9 @@ def train(args) -> dict:
     params = lora.inject(model, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
     l_img = (args.resolution // 16) ** 2
     plan = offload.prepare(model, model.blocks, strategy=args.offload, device=device, batch_size=args.batch_size,
-                           tokens_per_sample=l_img + data.TEXT_LENGTH, train=True)
+                           tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
+                           gpu_memory_limit=args.gpu_memory_limit,
+                           compile=device.type == "cuda" if args.compile is None else args.compile)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)       # noise and timesteps: one stream, saved exactly
     guidance = args.guidance if model.cfg.use_guidance_embed else None
