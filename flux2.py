@@ -12,7 +12,7 @@ import base64
 import json
 import math
 import re
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 

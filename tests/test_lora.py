@@ -1,5 +1,4 @@
 """LoRA adapters, presets and files: math by hand, and our files against diffusers 0.42.1 + PEFT (float64, tiny)."""
-import json
 
 import pytest
 import torch
@@ -18,15 +17,6 @@ from test_dit import CONFIGS, inputs, random_reference, rel_err, to_bfl
 
 CONFIG = CONFIGS["guided"]   # 2 double + 2 single blocks, guidance embedder
 H = CONFIG["attention_head_dim"] * CONFIG["num_attention_heads"]   # hidden size 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny: a second thread only spins, and on a shared 2-core machine that is 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def models(seed: int = 0) -> tuple[nn.Module, Flux2]:

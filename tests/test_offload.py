@@ -1,6 +1,5 @@
 """offload.py: every strategy trains a tiny FLUX.2 exactly like the plain model, the streamer visits and prefetches
 blocks in forward then recompute order, and the planner decides what its arithmetic says (docs/offload.md)."""
-import copy
 import dataclasses
 import math
 
@@ -72,15 +71,6 @@ def prepare(model, strategy, **kw):
     kw.setdefault("gpu_memory_limit", 1.0)   # on a CPU device a limit makes the plan stream as on a GPU
     return offload.prepare(model, model.blocks, strategy=strategy, device="cpu", batch_size=B, tokens_per_sample=S,
                            **kw)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only contend with whatever else runs on the machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ strength vs merged weights, reference-image preparation, and PNG settings round 
 The tiny snapshot is written in the FLUX.2-dev folder layout (transformer/, vae/, text_encoder/, tokenizer/) by
 diffusers / transformers `save_pretrained`, and read back by our `load_models`, so the loaders are exercised too.
 """
-import json
 import os
 
 import mistral_common
@@ -23,7 +22,7 @@ from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 import flux2
 import lora
 import sample
-from flux2 import LoadError, pack
+from flux2 import LoadError
 
 # The tiny DiT preset's sizes (flux2.PRESETS["tiny"]) as a diffusers config; its context 192 = 3 layers x 64.
 DIT = dict(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
@@ -50,15 +49,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set text = m['content
                  "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}")
 PROMPT = "a dog is dancing [IMG] under a red umbrella"
 W, H, STEPS = 48, 64, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on 2 busy cores OpenMP spin-waiting made this file 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(ours, ref) -> float:

@@ -20,15 +20,6 @@ from flux2 import image_ids, pack, text_ids, unpack
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on 2 busy cores OpenMP spin-waiting only slows them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def args_for(tmp_path, *extra, out="out", data_dir=None):
     """Tiny-model flags with a private cache and no previews unless asked."""
     return train.parse_args(["--data", str(data_dir or TOY), "--model", "tiny", "--out", str(tmp_path / out),
