@@ -11,6 +11,7 @@ projections, gradient checkpointing before every block, bf16 autocast, previews 
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -449,6 +450,8 @@ def train(args) -> dict:
 
 def main(argv=None) -> int:
     """CLI entry point: 0 done, 1 non-finite loss, 2 user mistake, 130 interrupted (state saved)."""
+    # Fewer fragmentation OOMs with large, changing activations (read at the first CUDA allocation).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"   # one line, not a source excerpt
     args = parse_args(argv)
     try:
