@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import flux2
 import lora
 import offload
+from sample import fill_random
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 798, "H200": 730, "A100": 312}       # measured (H100, H200) or spec (A100) bf16 matmul
@@ -107,23 +108,6 @@ def make_inputs(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int, dev
     t = torch.rand(batch, generator=g, device=device)
     guidance = torch.full((batch,), 4.0, device=device) if cfg.use_guidance_embed else None
     return (img, img_ids, txt, txt_ids, t, guidance), torch.randn(img.shape, generator=g, device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def fill_random(model: torch.nn.Module, device: torch.device):
-    """Weights ~ N(0, 0.02), norm scales 1, LoRA as lora.py starts it (A ~ N(0, 1/r²), B = 0), generated on the
-    device and copied to wherever the plan put each tensor (host copies and FSDP2 shards included)."""
-    from torch.distributed.tensor import DTensor
-    g = torch.Generator(device).manual_seed(0)
-    for name, p in model.named_parameters():
-        t = p.to_local() if isinstance(p, DTensor) else p.data
-        if name.endswith("lora_B"):
-            t.zero_()
-        elif t.ndim == 1:
-            t.fill_(1.0)
-        else:
-            std = 1 / t.shape[0] if name.endswith("lora_A") else 0.02
-            t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=t.dtype).mul_(std))
 
 
 def train_step(forward, params: list, target: torch.Tensor, device: torch.device):

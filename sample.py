@@ -199,27 +199,69 @@ def free_text_encoder(models: Models) -> None:
         torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, device: torch.device):
+    """Weights ~ N(0, 0.02), norm scales 1, LoRA as lora.py starts it (A ~ N(0, 1/r²), B = 0), generated on the
+    device and copied to wherever the plan put each tensor (host copies and FSDP2 shards included); BatchNorm stats
+    mean 0, variance 1. For full-size speed and memory runs without downloaded weights (`--model dev-random`)."""
+    from torch.distributed.tensor import DTensor
+    g = torch.Generator(device).manual_seed(0)
+    for name, p in model.named_parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p.data
+        if name.endswith("lora_B"):
+            t.zero_()
+        elif t.ndim == 1:
+            t.fill_(1.0)
+        else:
+            std = 1 / t.shape[0] if name.endswith("lora_A") else 0.02
+            t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=t.dtype).mul_(std))
+    for name, b in model.named_buffers():
+        b.fill_(1 if name.endswith("running_var") else 0)
+
+
+
 class ModelSource:
     """The trainer's view of a model: each part loaded on demand, plus ids that key its caches."""
 
     def __init__(self, model: str | None, model_dir, device, dtype: torch.dtype | None = None):
         self.tiny, self.model_dir, self.device = model == "tiny", model_dir, torch.device(device)
+        self.random = model == "dev-random"       # full-size shapes, random weights: speed and memory runs only
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.paths = None if self.tiny else snapshot_paths(model_dir)   # a missing part fails now, not after caching
+        self.paths = None if self.tiny or self.random else snapshot_paths(model_dir)   # a missing part fails first
         self._ae = None
 
     def _load(self, part: str, **kw) -> Models:
+        if self.random:
+            return self._random(part)
         return load_models(self.model_dir, tiny=self.tiny, device=self.device, dtype=self.dtype, parts=(part,), **kw)
+
+    def _random(self, part: str) -> Models:
+        """One part at FLUX.2 [dev] size with random weights; the DiT stays on meta for offload.prepare to place."""
+        build, dtype = {"ae": (lambda: AutoEncoder(AE_PRESETS["flux2"]), torch.float32),
+                        "text": (lambda: MistralEncoder(TEXT_PRESETS["mistral-small-3.2"]), self.dtype),
+                        "dit": (lambda: Flux2(PRESETS["dev"]), self.dtype)}[part]
+        with torch.device("meta"):
+            module = build().to(dtype).requires_grad_(False).eval()
+        if part != "dit":
+            module = module.to_empty(device=self.device)
+            fill_random(module, self.device)
+        m = Models(device=self.device, dtype=self.dtype, tokenizer=Tokenizer.tiny())
+        setattr(m, {"ae": "ae", "text": "text_encoder", "dit": "dit"}[part], module)
+        return m
 
     @property
     def ae_id(self) -> str:
         """Names the autoencoder weights (part of the latent cache key)."""
-        return "tiny-ae-seed0" if self.tiny else str(self.paths["ae"].resolve())
+        if self.tiny or self.random:
+            return f"{'tiny' if self.tiny else 'dev-random'}-ae-seed0"
+        return str(self.paths["ae"].resolve())
 
     @property
     def text_id(self) -> str:
         """Names the text encoder and tokenizer (part of the text cache key)."""
-        return "tiny-text-seed0" if self.tiny else f"{self.paths['text'].resolve()}|{self.paths['tokenizer'].resolve()}"
+        if self.tiny or self.random:
+            return f"{'tiny' if self.tiny else 'dev-random'}-text-seed0"
+        return f"{self.paths['text'].resolve()}|{self.paths['tokenizer'].resolve()}"
 
     def load_ae(self) -> AutoEncoder:
         """The autoencoder on the device (loaded once, kept for previews)."""
@@ -232,7 +274,7 @@ class ModelSource:
         return lambda prompts: encode_text(models, prompts)
 
     def load_dit(self) -> Flux2:
-        """The DiT on the CPU in the model dtype, for offload.prepare to place."""
+        """The DiT on the CPU in the model dtype (on meta for dev-random), for offload.prepare to place."""
         return self._load("dit", dit_device="cpu").dit
 
     def for_preview(self, dit: Flux2) -> Models:

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
-    a("--model", choices=["dev", "tiny"], default="dev", help="dev (needs --model-dir) or tiny (random, CPU demo)")
+    a("--model", choices=["dev", "tiny", "dev-random"], default="dev",
+      help="dev (needs --model-dir), tiny (random, CPU demo) or dev-random (full size, random: speed/memory runs)")
     a("--model-dir", help="a FLUX.2-dev snapshot folder (flux2-dev.safetensors / transformer/, ae, text_encoder)")
     a("--out", default="out", help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
     a("--cache-dir", help="latent/text cache (default ~/.cache/flux2-lora); entries are keyed by content hash")
@@ -354,6 +355,8 @@ def train(args) -> dict:
                            tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
                            gpu_memory_limit=args.gpu_memory_limit,
                            compile=device.type == "cuda" if args.compile is None else args.compile)
+    if source.random:
+        sample.fill_random(model, device)                        # values for the storage the plan allocated
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)       # noise and timesteps: one stream, saved exactly
     guidance = args.guidance if model.cfg.use_guidance_embed else None
