@@ -9,6 +9,10 @@ closest aspect ratio instead of a square.
     folder/ a.png + a.txt, b.jpg + b.txt, ...   or   folder/ *.png + metadata.jsonl {"file_name", "text"}
     cache/latents/<hash>.safetensors  latent [128, h/16, w/16]    hash of (image bytes, AE, size, crop method)
     cache/text/<hash>.safetensors     ctx [512, ctx_dim]           hash of (caption, text encoder, length)
+
+Under torchrun the ranks fill one shared cache: rank r encodes items r, r + N, r + 2N, ... of the (identically
+ordered) list, all wait at a barrier, then each reads the whole cache. The Loader walks the same global batches on
+every rank and hands each rank its contiguous share of every batch.
 """
 import gc
 import hashlib
@@ -22,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
@@ -204,24 +209,36 @@ def _size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)   # 90/270-degree orientations
 
 
+def _barrier(world: int) -> None:
+    """Wait until every rank's cache entries are written (a no-op for one process)."""
+    if world > 1:
+        dist.barrier()
+
+
 def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolution: int, buckets: bool = False,
-                  default_caption: str | None = None, device="cpu") -> list[Item]:
+                  default_caption: str | None = None, device="cpu", rank: int = 0, world: int = 1) -> list[Item]:
     """Encode every image of `folder` not yet in the cache; return the usable items in name order. `load_ae()`
-    is called only if something is missing. Unreadable images are skipped with one warning listing them."""
+    is called only if something is missing. Unreadable images are skipped with one warning listing them.
+    With world > 1 (a process group is required) this rank handles images rank, rank + world, ... and the call
+    returns once every rank is done, each rank warning about the unreadable images it handled."""
     if resolution % 16:
         raise DataError(f"--resolution {resolution}: must be a multiple of 16 (the VAE's x8 and the 2x2 patch)")
-    items, bad, todo = [], [], []
-    for path, caption in find_images(folder, default_caption):
+    found, items, bad, todo = find_images(folder, default_caption), [], [], []
+    for i, (path, caption) in enumerate(found):
+        mine = i % world == rank             # by position in the full list: every rank sees the same list
         try:
             raw = path.read_bytes()
             with Image.open(path) as img:        # header only: the size picks the bucket
                 size = _size(img)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt / unknown files
-            bad.append(f"{path.name} ({type(e).__name__}: {e})")
+            if mine:
+                bad.append(f"{path.name} ({type(e).__name__}: {e})")
             continue
         w, h = pick_size(*size, resolution, buckets)
         item = Item(path, caption, _hash("latent", raw, ae_id, w, h, CROP_METHOD), (w, h))
-        (todo if not latent_path(cache_dir, item).is_file() else items).append(item)
+        items.append(item)
+        if mine and not latent_path(cache_dir, item).is_file():
+            todo.append(item)
     ae = None
     for item in todo:
         try:
@@ -235,31 +252,36 @@ def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolutio
         with torch.no_grad():
             z = ae.encode(pixels[None].to(device, dtype))[0]            # [128, h/16, w/16]
         atomic_write(latent_path(cache_dir, item), lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
-        items.append(item)
     del ae
     _free()
+    _barrier(world)
+    items = [it for it in items if latent_path(cache_dir, it).is_file()]     # minus those that failed to decode
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad), stacklevel=2)
     if not items:
-        raise DataError(f"{folder}: no usable image ({len(bad)} unreadable); check the files")
+        raise DataError(f"{folder}: no usable image ({len(found)} unreadable); check the files")
     return sorted(items, key=lambda it: it.path)
 
 
-def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Callable, batch_size: int = 4) -> None:
+def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Callable, batch_size: int = 4,
+                rank: int = 0, world: int = 1) -> None:
     """Encode every distinct text not yet in the cache. `load_encoder()` -> a function list[str] -> [B, 512, ctx];
-    it is called only if something is missing, and freed before returning (the DiT must not meet it on the GPU)."""
-    missing = [t for t in dict.fromkeys(texts) if not text_path(cache_dir, t, text_id).is_file()]
-    if not missing:
-        return
-    encode = load_encoder()
-    for i in range(0, len(missing), batch_size):
-        chunk = missing[i:i + batch_size]
-        with torch.no_grad():
-            ctx = encode(chunk)                                          # [b, 512, ctx_dim]
-        for text, c in zip(chunk, ctx):
-            atomic_write(text_path(cache_dir, text, text_id), lambda f: save_file({"ctx": c.cpu().contiguous()}, f))
-    del encode
-    _free()
+    it is called only if something is missing, and freed before returning (the DiT must not meet it on the GPU).
+    With world > 1 this rank encodes distinct texts rank, rank + world, ...; returns once every rank is done."""
+    missing = [t for i, t in enumerate(dict.fromkeys(texts))
+               if i % world == rank and not text_path(cache_dir, t, text_id).is_file()]
+    if missing:
+        encode = load_encoder()
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i:i + batch_size]
+            with torch.no_grad():
+                ctx = encode(chunk)                                      # [b, 512, ctx_dim]
+            for text, c in zip(chunk, ctx):
+                atomic_write(text_path(cache_dir, text, text_id),
+                             lambda f: save_file({"ctx": c.cpu().contiguous()}, f))
+        del encode
+        _free()
+    _barrier(world)
 
 
 def latent_path(cache_dir, item: Item) -> Path:
@@ -282,12 +304,15 @@ def load_text(cache_dir, text: str, text_id: str) -> torch.Tensor:
 
 class Loader:
     """Endless batches of cached (latent, text) pairs. Each epoch is a seeded shuffle, grouped so a batch holds
-    one bucket size; the position (epoch, batch index) is the whole state, so resuming repeats the exact order."""
+    one bucket size; the position (epoch, batch index) is the whole state, so resuming repeats the exact order.
+    batch_size is the global batch: rank r of `world` gets rows r*m .. r*m + m-1 of each batch (m = its size / world,
+    rounded up), so the order and the state do not depend on the number of ranks."""
 
     def __init__(self, items: list[Item], *, cache_dir, text_id: str, batch_size: int, repeats: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, rank: int = 0, world: int = 1):
         self.items = [it for it in items for _ in range(repeats)]
         self.cache_dir, self.text_id, self.batch_size, self.seed = cache_dir, text_id, batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
         self._plan = self._epoch_plan(0)
 
@@ -312,12 +337,18 @@ class Loader:
         return self
 
     def __next__(self) -> dict:
-        """{"latents" [B, 128, h, w], "ctx" [B, 512, ctx_dim], "captions" list[str]} for the next batch."""
+        """This rank's rows of the next batch: {"latents" [m, 128, h, w], "ctx" [m, 512, ctx_dim], "captions",
+        "index" [m] (the rows' positions in the global batch), "total" (the global batch's size)}. Rows at
+        positions >= total pad a short last batch of a bucket (they repeat its last item); one rank gets it all."""
         if self.pos >= len(self._plan):
             self.epoch, self.pos = self.epoch + 1, 0
             self._plan = self._epoch_plan(self.epoch)
         batch = [self.items[i] for i in self._plan[self.pos]]
         self.pos += 1
+        total = len(batch)
+        m = -(-total // self.world)
+        index = torch.arange(self.rank * m, self.rank * m + m)
+        batch = [batch[min(i, total - 1)] for i in index.tolist()]
         return {"latents": torch.stack([load_file(latent_path(self.cache_dir, it))["latent"] for it in batch]),
                 "ctx": torch.stack([load_text(self.cache_dir, it.caption, self.text_id) for it in batch]),
-                "captions": [it.caption for it in batch]}
+                "captions": [it.caption for it in batch], "index": index, "total": total}

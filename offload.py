@@ -1,11 +1,15 @@
-"""Fitting a FLUX.2 LoRA run on one GPU: activation checkpointing, FSDP2 CPU offload, our H2D-only block streamer,
-and the planner that picks between them (`prepare`).
+"""Fitting a FLUX.2 LoRA run on one GPU or several: activation checkpointing, FSDP2 sharding (with CPU offload when
+the shards do not fit), our H2D-only block streamer, and the planner that picks between them (`prepare`).
 
-Follows docs/offload.md: §4 (non-reentrant checkpointing before every block), §1-2 (FSDP2 at world size 1 with
-CPUOffloadPolicy, LoRA kept on the GPU and out of FSDP with ignored_params), §5 and §8C (a ring-buffer streamer in
-the style of musubi-tuner's LoRAStreamOffloader, written anew) and §6 (bytes moved per step). It knows only "a root
-module plus a list of blocks in execution order": frozen parameters are those with requires_grad=False, trainable
-ones (LoRA) the rest. It imports neither flux2 nor lora.
+Follows docs/offload.md: §4 (non-reentrant checkpointing before every block), §1-2 and §7 (FSDP2 with
+CPUOffloadPolicy, LoRA kept on the GPU and out of FSDP with ignored_params, a "cpu:gloo,cuda:nccl" process group),
+§5 and §8C (a ring-buffer streamer in the style of musubi-tuner's LoRAStreamOffloader, written anew) and §6 (bytes
+moved per step). It knows only "a root module plus a list of blocks in execution order": frozen parameters are those
+with requires_grad=False, trainable ones (LoRA) the rest. It imports neither flux2 nor lora.
+
+Several processes (torchrun). fsdp2 shards every frozen block and the root over all ranks; each rank keeps 1/N of
+the weights, on its GPU when they fit the smallest rank's budget, else in host memory. The LoRA parameters stay
+replicated outside FSDP, so `sum_gradients` reduces them explicitly, once per optimizer step.
 
 The streamer. Each streamed block's frozen weights live in one flat host buffer (`_HostCopy`), pinned in place with
 cudaHostRegister, so pinned memory is exactly the streamed bytes (the caching host allocator would round every
@@ -24,6 +28,7 @@ import socket
 import warnings
 import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -65,6 +70,8 @@ class Plan:
     train: bool
     batch_size: int
     tokens_per_sample: int | None = None
+    world_size: int = 1          # fsdp2: ranks the blocks are sharded over
+    cpu_offload: bool = True     # fsdp2: the shards live in host memory (else on the GPUs)
 
     @property
     def slot_bytes(self) -> int:
@@ -75,8 +82,8 @@ class Plan:
     def h2d_bytes_per_step(self) -> int:
         """Host-to-GPU bytes per step in steady state (forward + backward recompute when training)."""
         b = [self.block_bytes[i] for i in self.streamed]
-        if self.strategy == "fsdp2":     # every block twice (forward, pre-backward), the root once
-            return (2 if self.train else 1) * sum(b) + self.root_bytes if b else 0
+        if self.strategy == "fsdp2":     # every block twice (forward, pre-backward), the root once; each rank its shard
+            return ((2 if self.train else 1) * sum(b) + self.root_bytes) // self.world_size if self.cpu_offload else 0
         R = self.ring_size
         if len(b) <= R:                  # the ring holds them all
             return 0
@@ -94,10 +101,15 @@ class Plan:
         lines = [f"offload plan '{self.strategy}' for {'training' if self.train else 'inference'}, "
                  f"batch {self.batch_size}{tok}:",
                  f"  resident: {blocks(self.resident)} ({size(res_b)}) + root {size(self.root_bytes)}"]
-        if self.streamed:
-            how = ("by FSDP2 (CPUOffloadPolicy, world size 1)" if self.strategy == "fsdp2" else
-                   f"through a {self.ring_size}-slot GPU ring of {size(self.slot_bytes)} slots")
-            lines.append(f"  streamed: {blocks(self.streamed)} ({size(str_b)} in host memory) {how}")
+        W = self.world_size
+        if self.strategy == "fsdp2":
+            where = ("in host memory (CPUOffloadPolicy)" if self.cpu_offload else "on the GPU") + \
+                (f", 1/{W} per rank" if W > 1 else "")
+            lines.append(f"  streamed: {blocks(self.streamed)} ({size(str_b)}) by FSDP2 over {W} rank"
+                         f"{'s' * (W > 1)}, shards {where}")
+        elif self.streamed:
+            lines.append(f"  streamed: {blocks(self.streamed)} ({size(str_b)} in host memory) through a "
+                         f"{self.ring_size}-slot GPU ring of {size(self.slot_bytes)} slots")
         plain = [i for i in range(n) if i not in set(self.checkpointed)]
         lines.append(f"  checkpointed: {len(self.checkpointed)} of {n} blocks"
                      + (f"; blocks [{_ranges(plain)}] keep their activations" if plain and self.checkpointed else ""))
@@ -105,8 +117,11 @@ class Plan:
         over = self.budget_bytes is not None and self.peak_bytes > self.budget_bytes
         over = " -- OVER BUDGET, expect out-of-memory" if over else ""
         lines.append(f"  estimated peak GPU memory {size(self.peak_bytes)}{budget}{over}")
-        if self.streamed:
-            lines.append(f"  host -> GPU per step: {size(self.h2d_bytes_per_step)}")
+        if self.streamed and (self.strategy != "fsdp2" or self.cpu_offload):
+            lines.append(f"  host -> GPU per step: {size(self.h2d_bytes_per_step)}" + " per rank" * (W > 1))
+        if self.strategy == "fsdp2" and W > 1:     # every use gathers the other ranks' (W-1)/W of the weights
+            gathered = ((2 if self.train else 1) * str_b + self.root_bytes) * (W - 1) // W
+            lines.append(f"  all-gathered per step: {size(gathered)} per rank")
         return "\n".join(lines)
 
 
@@ -141,14 +156,17 @@ def _stream_set(block_bytes: list[int], k: int) -> list[int]:
 def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_bytes_per_block_sample: int,
          batch_size: int, *, work_bytes_per_sample: int, keep_bytes_per_block_sample: int | None = None,
          trainable_bytes: int = 0, strategy: str = "auto", train: bool = True, ring_size: int = 2,
-         margin_bytes: int | None = None) -> Plan:
-    """Decide resident / streamed / checkpointed blocks from byte counts (a pure function).
+         margin_bytes: int | None = None, world_size: int = 1) -> Plan:
+    """Decide resident / streamed / checkpointed blocks from byte counts (a pure function); batch_size is per rank.
 
     Estimated peak = root + resident blocks + ring (R x largest streamed block) + trainable x 4 (AdamW: parameter,
     gradient, two moments) + B x (n_blocks x act + work) [+ B x (keep - act) per block left un-checkpointed].
     `auto` keeps every block resident when that fits budget - margin (margin = min(3 GiB, 5% of the budget)), and
     then spends what is left on skipping checkpointing for the last blocks; otherwise it streams the fewest blocks
-    that make it fit. Without autograd (train=False) nothing is saved and the optimizer holds no state."""
+    that make it fit. Without autograd (train=False) nothing is saved and the optimizer holds no state.
+    fsdp2 gathers every block per use (two blocks at a time: the current one and the prefetched one); its shards
+    (blocks + root over world_size ranks) stay on the GPU when they fit as well, else in host memory. At world
+    size 1 that means sharding nothing, so there it always offloads: what asking for fsdp2 on one GPU is for."""
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     n, B = len(block_bytes), batch_size
@@ -175,7 +193,11 @@ def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_
             raise PlanError(f"batch {B} does not fit a {_size(budget_bytes)} GPU even with every block streamed "
                             f"(needs ~{_size(need(everything) + margin)}): lower the batch size or resolution, or "
                             f"raise --gpu-memory-limit")
-    peak = need(streamed)
+    peak, cpu_offload = need(streamed), True
+    if strategy == "fsdp2" and world_size > 1:
+        shards = (sum(block_bytes) + root_bytes) // world_size
+        cpu_offload = not fits and peak + shards > budget_bytes - margin
+        peak += 0 if cpu_offload else shards
     # what one block costs per batch when it keeps all its activations instead of only its input
     extra = B * (keep_bytes_per_block_sample - act_bytes_per_block_sample) if keep_bytes_per_block_sample else 0
     if strategy == "auto" and train and not streamed and not fits and extra > 0:
@@ -184,7 +206,8 @@ def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_
     if strategy == "none" and train:
         peak += n * extra
     return Plan(strategy, list(block_bytes), root_bytes, [i for i in everything if i not in set(streamed)], streamed,
-                checkpointed, ring_size, peak, budget_bytes, train, batch_size)
+                checkpointed, ring_size, peak, budget_bytes, train, batch_size, world_size=world_size,
+                cpu_offload=cpu_offload)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,39 +469,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_process_group(device: torch.device):
-    """A process group for FSDP2: torchrun's when launched by it, else a world of one (offload.md §1)."""
+def launched() -> bool:
+    """Whether torchrun (or an equivalent launcher) started this process: it sets RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process_group(device: torch.device):
+    """A process group for FSDP2: torchrun's when launched by it, else a world of one (offload.md §1). Under
+    torchrun, `device` is this process's GPU (cuda:LOCAL_RANK) or the CPU (gloo)."""
     if dist.is_initialized():
         return
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    # generous: before training, ranks wait at a barrier while others cache latents or load the 24B text encoder
+    timeout = timedelta(minutes=30)
     if device.type == "cpu":
-        if launched:
-            dist.init_process_group("gloo")
+        if launched():
+            dist.init_process_group("gloo", timeout=timeout)
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         return
-    if not launched:
+    if not launched():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     # gloo for CPU tensors too: gradients and norms of offloaded shards live there once world size > 1
-    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: the process group's, or (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_gradients(params: list[Tensor]):
+    """Sum the gradients of replicated parameters over all ranks in one flat all-reduce. FSDP2 leaves the LoRA
+    parameters alone (ignored_params), so this is their data-parallel reduction; with each rank's loss its share of
+    the global batch's mean, the sum is the global batch's gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if rank_world()[1] == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])            # one fp32 buffer: one collective, not one per tensor
+    dist.all_reduce(flat)
+    for g, r in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(r.view_as(g))
 
 
 def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: torch.device, compile: bool):
-    """fully_shard every block, then the root, with CPU offload; LoRA stays a plain GPU parameter (ignored_params)."""
+    """fully_shard every block, then the root, over all ranks, with CPU offload when the plan says so; LoRA stays a
+    plain GPU parameter (ignored_params)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
     state = _state(model)
     if state.fsdp or state.hosts:
         raise ValueError("this model was already prepared: build a new model to use fsdp2")
-    _init_process_group(device)
+    init_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))   # explicit: the default mesh may mismatch (#132471)
-    on_gpu = device.type == "cuda"
+    on_gpu, host = device.type == "cuda", p.cpu_offload
     # pin_memory=False, then pin each shard in place below: FSDP's own pinning rounds every tensor up to a power
     # of two (58.5 -> ~90 GiB for FLUX.2, offload.md §2). cast_forward_inputs=False keeps the fp32 RoPE tensors fp32.
-    kw = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False),
+    kw = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False) if host else OffloadPolicy(),
               mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else None,
                                              reduce_dtype=torch.float32, cast_forward_inputs=False))
     trainable, ckpt = [q for q in model.parameters() if q.requires_grad], set(p.checkpointed)
@@ -489,14 +538,14 @@ def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: tor
         fully_shard(b, ignored_params={q for q in b.parameters() if q.requires_grad}, **kw)
     fully_shard(model, ignored_params=set(trainable), **kw)
     state.fsdp, state.blocks, meta = True, list(blocks), any(q.is_meta for q in model.parameters())
-    if meta:                            # torchtitan's order: shard on meta, then allocate the (host) shards
-        model.to_empty(device="cpu")    # (takes the LoRA parameters along, keeping them: back to the device)
+    if meta:                            # torchtitan's order: shard on meta, then allocate the shards
+        model.to_empty(device="cpu" if host else device)   # (takes LoRA along, keeping it: back to the device)
         for q in trainable:
             _move(q, device)
     _move_buffers(model, device)
     for q in model.parameters():
         local = q.to_local() if isinstance(q, DTensor) else None
-        if on_gpu and local is not None and _nbytes(local) >= 2**20:   # small tensors may share a page: leave them
+        if host and on_gpu and local is not None and _nbytes(local) >= 2**20:   # small ones may share a page
             if meta:
                 local.zero_()           # touch the pages on all cores before pinning; values are loaded later
             state.fsdp_pinned += _nbytes(local) if _pin(local, q) else 0
@@ -514,20 +563,24 @@ def _width_and_itemsize(blocks: list[nn.Module]) -> tuple[int, int]:
 
 
 def _budget(model: nn.Module, device: torch.device) -> int:
-    """GPU bytes this model may use: free memory plus what the model already holds there."""
+    """GPU bytes this model may use: free memory plus what the model already holds there; with several ranks the
+    smallest rank's, so that every rank takes the same decisions."""
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     state = _state(model)
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in [*model.parameters(), *model.buffers(), *(state.streamer.ring if state.streamer else [])]
             if t.device == device}
-    return free + sum(held.values())
+    budget = torch.tensor([free + sum(held.values())], device=device)
+    if rank_world()[1] > 1:
+        dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+    return int(budget.item())
 
 
 def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device, batch_size: int,
              tokens_per_sample: int, train: bool = True, gpu_memory_limit: float | None = None,
              ring_size: int = 2) -> Plan:
-    """The plan prepare() would apply, measured from the model (nothing is moved)."""
+    """The plan prepare() would apply, measured from the model (nothing is moved); batch_size is this rank's."""
     device = _device(device)
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -547,7 +600,7 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
     out = plan(block_bytes, root_bytes, budget, SAVED_UNITS * unit, batch_size,
                work_bytes_per_sample=(WORK_UNITS if train else INFER_UNITS) * unit,
                keep_bytes_per_block_sample=KEEP_UNITS * unit, trainable_bytes=trainable, strategy=strategy,
-               train=train, ring_size=ring_size)
+               train=train, ring_size=ring_size, world_size=rank_world()[1])
     out.strategy, out.tokens_per_sample = asked, tokens_per_sample
     return out
 
@@ -563,7 +616,8 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     values afterwards, before the first forward). On a CPU device every strategy but fsdp2 keeps all blocks
     resident, unless gpu_memory_limit (GiB) is given: then the plan runs on the CPU as it would on such a GPU, with
     synchronous copies (tests, dry runs). May be called again with another plan (not after fsdp2);
-    keep_host_copy=True keeps host copies of blocks that become resident, so re-plans need no pinning."""
+    keep_host_copy=True keeps host copies of blocks that become resident, so re-plans need no pinning.
+    Under torchrun, fsdp2 shards over every rank (all ranks call this with the same arguments)."""
     device = _device(device)
     p = plan_for(model, blocks, strategy=strategy, device=device, batch_size=batch_size,
                  tokens_per_sample=tokens_per_sample, train=train, gpu_memory_limit=gpu_memory_limit,
@@ -571,13 +625,15 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     if compile and (p.streamed or strategy == "fsdp2"):
         # Measured on the H100 (torch 2.11): compiled blocks next to streamed ones gave NaN gradients, and compiled
         # streamed blocks an illegal memory access in the checkpoint recompute. Compile only fully resident plans.
-        print("offload: torch.compile is off for this plan (it streams weights); blocks run eager", flush=True)
+        if rank_world()[0] == 0:
+            print("offload: torch.compile is off for this plan (it streams weights); blocks run eager", flush=True)
         compile = False
     if strategy == "fsdp2":
         _apply_fsdp2(model, blocks, p, device, compile)
     else:
         _apply(model, blocks, p, device, keep_host_copy, compile)
-    print(p.describe(), flush=True)
+    if rank_world()[0] == 0:                # one copy of the plan in a torchrun log, not one per rank
+        print(p.describe(), flush=True)
     return p
 
 

@@ -7,8 +7,15 @@ projections, gradient checkpointing before every block, bf16 autocast, previews 
 
     python train.py --data DIR --model-dir FLUX.2-dev/ --rank 16          # the real model, one GPU
     python train.py --data examples/toy --model tiny --steps 50            # random tiny model, CPU, seconds
+    torchrun --nproc_per_node 8 train.py --data DIR --model-dir FLUX.2-dev/ --batch-size 16   # 8 GPUs, 2 each
+
+Under torchrun the frozen DiT is sharded over the ranks with FSDP2 (offload.py) and the run is data parallel: the
+global batch is split over the ranks, t and noise are drawn for the whole global batch from the same seeded stream
+on every rank, and the LoRA gradients are summed, so N ranks train what one process would with the same batch.
+Rank 0 writes every file; checkpoints hold only global state, so a run resumes on any number of ranks.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -59,20 +67,26 @@ def sample_timesteps(n: int, how: str, mu: float, generator: torch.Generator) ->
 
 def micro_batch_loss(model, batch: dict, args, generator: torch.Generator, device, guidance) -> torch.Tensor:
     """Draw t and noise for a cached batch from `generator` (on the CPU, so a seed means the same run on any
-    device) and return its flow-matching loss, under bf16 autocast on CUDA."""
-    x0 = batch["latents"].to(device)                                            # [B, 128, h, w]
+    device) and return its flow-matching loss, under bf16 autocast on CUDA. When the batch holds only this rank's
+    rows of the global batch (data.Loader), t and noise are still drawn for the whole global batch, so every rank
+    consumes the generator as one process does, and the loss is this rank's share of the global mean."""
+    x0 = batch["latents"].to(device)                                            # [m, 128, h, w]
     txt = batch["ctx"].to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    index, total = batch["index"], batch["total"]                               # rows' positions in the global batch
     mu = sample.empirical_mu(x0.shape[2] * x0.shape[3], args.sample_steps)      # the sampler's shift at this size
-    t = sample_timesteps(x0.shape[0], args.timestep_sampling, mu, generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    t = sample_timesteps(total, args.timestep_sampling, mu, generator)          # [total]
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator)           # [total, 128, h, w]
+    rows = index.clamp(max=total - 1)                                           # padding rows repeat the last draw
+    weight = None if torch.equal(index, torch.arange(total)) else (index < total).float() / total
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return flow_matching_loss(model, x0, txt, t.to(device), noise.to(device), guidance)
+        return flow_matching_loss(model, x0, txt, t[rows].to(device), noise[rows].to(device), guidance, weight)
 
 
 def flow_matching_loss(model, x0: torch.Tensor, txt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                       guidance: float | None) -> torch.Tensor:
+                       guidance: float | None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the predicted velocity and eps - x0 at x_t = (1 - t)·x0 + t·eps.
-    x0, noise [B, 128, h, w] latents; txt [B, 512, ctx]; t [B] -> scalar (float32)."""
+    x0, noise [B, 128, h, w] latents; txt [B, 512, ctx]; t [B] -> scalar (float32): the mean over the batch, or
+    with `weight` [B] the weighted sum of the rows' means (a rank's share of a global batch)."""
     B, _, h, w = x0.shape
     tb = t.view(B, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * noise
@@ -80,7 +94,10 @@ def flow_matching_loss(model, x0: torch.Tensor, txt: torch.Tensor, t: torch.Tens
     g = None if guidance is None else torch.full((B,), guidance, device=x0.device)
     pred = model(pack(x_t).to(dtype), image_ids(h, w)[None].to(x0.device), txt,
                  text_ids(txt.shape[1])[None].to(x0.device), t.to(x0.device), g)        # [B, h*w, 128]
-    return F.mse_loss(pred.float(), pack(noise - x0).float())
+    if weight is None:
+        return F.mse_loss(pred.float(), pack(noise - x0).float())
+    per_row = (pred.float() - pack(noise - x0).float()).square().mean(dim=(1, 2))    # [B]
+    return (per_row * weight.to(per_row.device)).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,8 +164,9 @@ def check_resume(saved: dict, args) -> None:
         if key in STRUCTURAL:
             raise LoadError(f"--resume: {flag} is {new!r} but the checkpoint was trained with {old!r}; "
                             f"pass the same value or another --out")
-        print(f"warning: resuming with {flag} {new!r} (was {old!r}): not the run an uninterrupted one would give",
-              file=sys.stderr)
+        if offload.rank_world()[0] == 0:
+            print(f"warning: resuming with {flag} {new!r} (was {old!r}): not the run an uninterrupted one would give",
+                  file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default="out", help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
     a("--cache-dir", help="latent/text cache (default ~/.cache/flux2-lora); entries are keyed by content hash")
     a("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts from its start)")
-    a("--batch-size", type=int, default=1)
+    a("--batch-size", type=int, default=1, help="images per micro-batch over all processes (torchrun: split evenly)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--resolution", type=int, help="training side in pixels, multiple of 16 (default 1024; 128 for tiny)")
     a("--buckets", action="store_true", help="aspect-ratio buckets of about resolution^2 pixels instead of squares")
@@ -312,17 +330,48 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 # The run
 
+def same_on_all_ranks(values: list[int]) -> bool:
+    """Whether every rank passed the same integers (a collective: every rank must call it)."""
+    t = torch.tensor(values)                                    # CPU: gloo serves it in either backend
+    lo, hi = t.clone(), t.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return torch.equal(lo, hi)
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the last good state was saved."""
 
 
 def train(args) -> dict:
-    """Run (or resume) training as `args` says; returns {"steps", "losses", "out"}."""
-    out = Path(args.out)
+    """Run (or resume) training as `args` says; returns {"steps", "losses", "out"}. Under torchrun every process
+    calls it with the same flags: it joins the process group (one GPU per process) and leaves it at the end."""
+    world = int(os.environ["WORLD_SIZE"]) if offload.launched() else 1
+    if args.batch_size % world:
+        raise LoadError(f"--batch-size {args.batch_size} is the global batch and does not split over {world} "
+                        f"processes; pass a multiple of {world}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    own_group = not dist.is_initialized()
+    if offload.launched():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        offload.init_process_group(device)
+    try:
+        return _train(args, device)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, device: torch.device) -> dict:
+    """train() inside the process group: the same steps on every rank, files from rank 0."""
+    rank, world = offload.rank_world()
+    out = Path(args.out)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path("~/.cache/flux2-lora").expanduser()
-    for stale in (out / "checkpoints").glob("*.tmp"):          # left by a save that was killed
-        stale.unlink()
+    if rank == 0:
+        for stale in (out / "checkpoints").glob("*.tmp"):      # left by a save that was killed
+            stale.unlink()
     found = checkpoints(out)
     if found and not args.resume:
         raise LoadError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or another --out")
@@ -334,29 +383,39 @@ def train(args) -> dict:
         check_resume(saved["args"], args)
 
     # 1. Data: latents and text features cached first, so the VAE and the text encoder are gone before the DiT.
+    #    With several ranks each encodes its share into the one cache; all then read all of it.
     source = sample.ModelSource(args.model, args.model_dir, device)     # the same tiny weights as sample.py's
     ae_id, text_id = source.ae_id, source.text_id
     prompts = read_prompts(args.sample_prompts) if args.sample_prompts else None
     items = data.cache_latents(args.data, cache_dir=cache, ae_id=ae_id, load_ae=source.load_ae,
                                resolution=args.resolution, buckets=args.buckets,
-                               default_caption=args.default_caption, device=device)
+                               default_caption=args.default_caption, device=device, rank=rank, world=world)
     prompts = prompts or list(dict.fromkeys(it.caption for it in items))[:2]
     data.cache_texts([it.caption for it in items] + prompts, cache_dir=cache, text_id=text_id,
-                     load_encoder=source.load_text_encoder)
+                     load_encoder=source.load_text_encoder, rank=rank, world=world)
+    if world > 1:                                  # each rank wrote only its share: all must see all of it
+        seen = int(hashlib.sha256("".join(it.digest for it in items).encode()).hexdigest()[:15], 16)
+        if not same_on_all_ranks([seen, saved["step"] if saved else -1]):
+            raise LoadError(f"the ranks see different images in --cache-dir {cache} or checkpoints in --out {out}; "
+                            f"on several machines both must be folders every machine sees (a shared filesystem)")
     loader = data.Loader(items, cache_dir=cache, text_id=text_id, batch_size=args.batch_size,
-                         repeats=args.repeats, seed=args.seed)
+                         repeats=args.repeats, seed=args.seed, rank=rank, world=world)
 
-    # 2. The DiT with LoRA adapters, placed by the offload planner.
-    torch.manual_seed(args.seed)                                # LoRA A init; overwritten on resume
+    # 2. The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when there are several).
+    torch.manual_seed(args.seed)                                # LoRA A init (the same on every rank); or resumed
     model = source.load_dit()
     params = lora.inject(model, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
     l_img = (args.resolution // 16) ** 2
-    plan = offload.prepare(model, model.blocks, strategy=args.offload, device=device, batch_size=args.batch_size,
+    strategy = "fsdp2" if world > 1 and args.offload == "auto" else args.offload
+    plan = offload.prepare(model, model.blocks, strategy=strategy, device=device, batch_size=args.batch_size // world,
                            tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
                            gpu_memory_limit=args.gpu_memory_limit,
                            compile=device.type == "cuda" if args.compile is None else args.compile)
     if source.random:
         sample.fill_random(model, device)                        # values for the storage the plan allocated
+    if world > 1:                                               # replicas start equal, however they were filled
+        for p in params:
+            dist.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)       # noise and timesteps: one stream, saved exactly
     guidance = args.guidance if model.cfg.use_guidance_embed else None
@@ -373,32 +432,38 @@ def train(args) -> dict:
         step = saved["step"]
     boundary = {"rng": rng_state(generator), "loader": loader.state_dict()}   # the state after `step` steps
 
-    out.mkdir(parents=True, exist_ok=True)
     records = [r for r in read_log(out) if r["step"] <= step] if saved else []
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-    print(f"{len(items)} images x {args.repeats} repeats, batch {args.batch_size} x {args.grad_accum} accumulated, "
-          f"offload {plan.strategy}", file=sys.stderr)
+    if rank == 0:                                               # one writer for every file
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "config.json").write_text(json.dumps(vars(args), indent=1))
+        split = f" over {world} processes ({args.batch_size // world} each)" if world > 1 else ""
+        print(f"{len(items)} images x {args.repeats} repeats, batch {args.batch_size}{split} x {args.grad_accum} "
+              f"accumulated, offload {plan.strategy}", file=sys.stderr)
 
     def previews(at: int):
         if not args.sample_every or not prompts:
             return
         txt = torch.stack([data.load_text(cache, p, text_id) for p in prompts])          # [N, 512, ctx]
+        # every rank samples: a sharded model's forwards are collective; rank 0 keeps the grid
         images = sample.generate(source.for_preview(model), width=args.resolution, height=args.resolution,
                                  steps=args.sample_steps, guidance=args.guidance,
                                  seeds=[args.seed + i for i in range(len(prompts))], txt=txt)
-        grid = preview_grid(images, prompts, at)
-        data.atomic_write(out / "samples" / f"step-{at:06d}.png", lambda f: grid.save(f, format="PNG"))
+        if rank == 0:
+            grid = preview_grid(images, prompts, at)
+            data.atomic_write(out / "samples" / f"step-{at:06d}.png", lambda f: grid.save(f, format="PNG"))
 
     def save(at: int):
+        if rank != 0:
+            return
         if not any(c.name == f"step-{at:06d}.pt" for c in checkpoints(out)):
             save_checkpoint(out, at, model, optimizer, boundary, args)
         draw_loss_curve(records, out / "loss.png")
 
     if step == 0:
         previews(0)                                             # the baseline every later preview is compared with
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, desc="train")
-    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, desc="train", disable=rank != 0)
+    log = (out / "log.jsonl" if rank == 0 else Path(os.devnull)).open("a")
     try:
         while step < args.steps:
             t0 = time.perf_counter()
@@ -407,12 +472,17 @@ def train(args) -> dict:
             for _ in range(args.grad_accum):
                 batch = next(loader)
                 loss = micro_batch_loss(model, batch, args, generator, device, guidance)
-                if not torch.isfinite(loss):
-                    path = save_checkpoint(out, step, model, optimizer, boundary, args)
-                    raise NonFiniteLoss(f"step {step + 1}: the loss is {loss.item()}; the state after step {step} "
+                value = loss.detach()
+                if world > 1:                                   # the shares sum to the global batch's loss, so
+                    dist.all_reduce(value)                      # every rank sees the same (non-)finite value
+                if not torch.isfinite(value):
+                    path = save_checkpoint(out, step, model, optimizer, boundary, args) if rank == 0 else \
+                        out / "checkpoints" / f"step-{step:06d}.pt"
+                    raise NonFiniteLoss(f"step {step + 1}: the loss is {value.item()}; the state after step {step} "
                                         f"is saved in {path}; lower --lr or check the data, then --resume")
                 (loss / args.grad_accum).backward()
-                loss_sum += loss.item() / args.grad_accum
+                loss_sum += value.item() / args.grad_accum
+            offload.sum_gradients(params)                       # LoRA is replicated: reduce before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             step += 1
@@ -423,7 +493,7 @@ def train(args) -> dict:
                    "s_per_step": round(dt, 4), "samples_per_s": round(sps, 3)}
             if device.type == "cuda":
                 rec["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                rec["mfu"] = mfu(model.cfg, batch["latents"][0, 0].numel(), sps, device)
+                rec["mfu"] = mfu(model.cfg, batch["latents"][0, 0].numel(), sps / world, device)
             records.append(rec)
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -437,8 +507,9 @@ def train(args) -> dict:
     except KeyboardInterrupt:
         save(step)                                              # `boundary` is the state after the last full step
         bar.close()
-        print(f"\ninterrupted: the state after step {step} is saved in {out / 'checkpoints'}; continue with --resume",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted: the state after step {step} is saved in {out / 'checkpoints'}; continue with "
+                  f"--resume", file=sys.stderr)
         raise
     finally:
         log.close()
@@ -446,8 +517,9 @@ def train(args) -> dict:
     save(step)
     if args.sample_every and step % args.sample_every:
         previews(step)                                          # the final state, whatever the schedule
-    lora.save(model, out / "lora.safetensors", metadata={"base_model": args.model, "steps": step,
-                                                           "resolution": args.resolution})
+    if rank == 0:
+        lora.save(model, out / "lora.safetensors", metadata={"base_model": args.model, "steps": step,
+                                                               "resolution": args.resolution})
     return {"steps": step, "losses": [r["loss"] for r in records], "out": out}
 
 
@@ -457,17 +529,23 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"   # one line, not a source excerpt
     args = parse_args(argv)
+
+    def say(line: str):         # under torchrun the first process of each machine speaks for it (same mistakes)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(line, file=sys.stderr)
+
     try:
         result = train(args)
     except (LoadError, lora.LoRAError, offload.PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 1
     except KeyboardInterrupt:
         return 130
-    print(f"done: {result['out'] / 'lora.safetensors'} after {result['steps']} steps", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        say(f"done: {result['out'] / 'lora.safetensors'} after {result['steps']} steps")
     return 0
 
 
