@@ -1,7 +1,7 @@
 """Training data for FLUX.2 LoRA: image folders with captions, crops and aspect buckets, and an on-disk cache of
 VAE latents and text features so the text encoder runs once per caption and never shares the GPU with the DiT.
 
-Follows /work/shared/docs/flux2_reference.md §5.4 (the latent the DiT trains on: VAE mean -> 2x2 patchify ->
+Follows docs/flux2_reference.md §5.4 (the latent the DiT trains on: VAE mean -> 2x2 patchify ->
 BN-normalised, 128 channels at /16) and §6.1 / §8 (identical text preprocessing in training and sampling).
 Images are centre-cropped and resized (the report's CenterCrop + resize); with buckets, to the bucket of the
 closest aspect ratio instead of a square.
