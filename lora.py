@@ -148,8 +148,9 @@ def inject(model: nn.Module, targets: str = "paper", rank: int = 16, alpha: floa
     model.requires_grad_(False)
     layers = [_wrap(model, n, rank=rank, alpha=alpha, dropout=dropout, out_slice=s) for n, s in picked.items()]
     params = _params(layers)
-    print(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
-          f"{sum(p.numel() for p in params):,} trainable parameters")
+    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):   # once under torchrun
+        print(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
+              f"{sum(p.numel() for p in params):,} trainable parameters")
     return params
 
 
