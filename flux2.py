@@ -1,10 +1,11 @@
-"""FLUX.2 in plain PyTorch: the diffusion transformer (DiT), the autoencoder, the Mistral text encoder,
-the tokenizer, and streaming loaders for the official files.
+"""FLUX.2 in plain PyTorch: the diffusion transformer (DiT), the autoencoder, the text encoders (Mistral for
+[dev], Qwen3 for [klein]: one decoder class, Qwen3 adds per-head q/k norms), the tokenizer with both prompt
+templates, and streaming loaders for the official files.
 
 Follows docs/flux2_reference.md (BFL `src/flux2/model.py`): §1-2 for the DiT, §3 for the checkpoint keys,
-§4 for the forward pass, §5 for the autoencoder and §6 for the text encoder. Module attribute names ARE the
-BFL checkpoint keys (`double_blocks.3.img_attn.qkv.weight`), so a BFL file loads with no renaming; other
-layouts (diffusers folders, HF shards) are mapped to these names in one converter per format.
+§4 for the forward pass, §5 for the autoencoder and §6 for the text encoders (§6.1 dev, §6.2 klein).
+Module attribute names ARE the BFL checkpoint keys (`double_blocks.3.img_attn.qkv.weight`), so a BFL file loads
+with no renaming; other layouts (diffusers folders, HF shards) are mapped to these names in one converter per format.
 
 Shapes use B batch, L_img image tokens, L_txt text tokens (512), H hidden (6144 for dev), D head dim (128).
 """
@@ -498,19 +499,23 @@ def _config_from_diffusers(config: dict) -> Flux2Config:
         theta=config.get("rope_theta", 2000), use_guidance_embed=config.get("guidance_embeds", True))
 
 
+def dit_config(path) -> Flux2Config:
+    """The DiT config of a BFL file or diffusers folder, from its config.json or tensor shapes (no weights read)."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _config_from_diffusers(json.loads((path / "config.json").read_text()))
+    try:
+        return _config_from_bfl_shapes(read_keys(safetensors_files(path)))
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+
+
 def load_flux2(path, device="cpu", dtype=torch.bfloat16, expect: str | None = None) -> Flux2:
     """Load a BFL single file (`flux2-dev.safetensors`, optionally `model.diffusion_model.`-prefixed) or a
     diffusers `transformer/` folder, streaming tensors into a meta-built model. `expect` names a preset."""
     path = Path(path)
-    files = safetensors_files(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        cfg, tensors = _config_from_diffusers(json.loads((path / "config.json").read_text())), _dit_from_diffusers(files)
-    else:
-        try:
-            cfg = _config_from_bfl_shapes(read_keys(files))
-        except LoadError as e:
-            raise LoadError(f"{path}: {e}") from None
-        tensors = _strip_prefix(files)
+    files, cfg = safetensors_files(path), dit_config(path)
+    tensors = _dit_from_diffusers(files) if path.is_dir() and (path / "config.json").is_file() else _strip_prefix(files)
     looks_like = preset_name(cfg)
     if expect is not None and looks_like != expect:
         raise LoadError(f"{path}: this looks like {looks_like} ({cfg.depth}+{cfg.depth_single_blocks} blocks, "
@@ -807,10 +812,18 @@ class MistralConfig:
     rope_theta: float = 1e9
     rms_norm_eps: float = 1e-5
     output_layers: tuple[int, ...] = (10, 20, 30)   # hidden_states indices; 3 x 5120 = 15360 = DiT context dim
+    qk_norm: bool = False               # Qwen3 (klein): RMSNorm over each head's q and k before RoPE; else the same
 
 
 TEXT_PRESETS = {
     "mistral-small-3.2": MistralConfig(),
+    # klein's encoders (reference §6.2): layers 9/18/27 -> 3 x 2560 = 7680 (klein 4B), 3 x 4096 = 12288 (klein 9B)
+    "qwen3-4b": MistralConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
+                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                              output_layers=(9, 18, 27), qk_norm=True),
+    "qwen3-8b": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                              output_layers=(9, 18, 27), qk_norm=True),
     # For the CPU demo and tests: ids of Tokenizer.tiny() (< 1256), context 3 x 64 = 192 (the "tiny" DiT preset).
     "tiny": MistralConfig(vocab_size=1280, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                           num_kv_heads=2, head_dim=16, output_layers=(1, 2, 3)),
@@ -818,7 +831,7 @@ TEXT_PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Mistral decoder (HF `modeling_mistral.py` semantics, attention through SDPA)
+# Mistral / Qwen3 decoder (HF `modeling_mistral.py` / `modeling_qwen3.py` semantics, attention through SDPA)
 
 def rotate_half(x: Tensor) -> Tensor:
     """[x1 | x2] -> [-x2 | x1]: HF's non-interleaved RoPE pairing (channel p with p + D/2)."""
@@ -855,12 +868,17 @@ class MistralAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = MistralRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = MistralRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """x [B, L, H], cos/sin [L, D], mask [B, 1, L, L] (True = may attend) -> [B, L, H]."""
         B, L, _ = x.shape
         q, k, v = (proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)       # [B, heads, L, D]
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if hasattr(self, "q_norm"):                                                # Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=True)
         # A left pad's query sees only earlier pads, all masked out. SDPA's math and efficient kernels (CPU, and
@@ -928,36 +946,57 @@ _NOT_TEXT = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.visi
              "multi_modal_projector.", "model.multi_modal_projector.")
 
 
-def _text_config(folder: Path, layers: tuple[int, ...]) -> MistralConfig:
-    """MistralConfig from a Mistral3 (`text_config`) or plain Mistral config.json; absent fields take the
-    Mistral3Config defaults, which are Mistral-Small-3.x's."""
+# Fields a config.json leaves out take the transformers config class defaults (save_pretrained drops those).
+_TEXT_DEFAULTS = {"mistral": MistralConfig(),
+                  "qwen3": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_layers=32,
+                                         num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                         output_layers=(9, 18, 27), qk_norm=True)}
+_TEXT_MODELS = {"mistral": "Mistral-Small-3.2-24B-Instruct-2506 (FLUX.2 dev)", "qwen3": "Qwen3-4B / Qwen3-8B (klein)"}
+
+
+def text_family(folder) -> str:
+    """'mistral' or 'qwen3': the text model a checkpoint folder's config.json describes ('' when unreadable)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return raw.get("text_config", raw).get("model_type", "mistral")
+
+
+def _text_config(folder: Path, layers: tuple[int, ...] | None) -> MistralConfig:
+    """Encoder config from a Mistral3 (`text_config`), Mistral or Qwen3 config.json; layers None = the family's
+    FLUX.2 layers ((10, 20, 30) for Mistral, (9, 18, 27) for Qwen3)."""
     file = folder / "config.json"
     if not file.is_file():
         hint = f"; pass {folder / 'text_encoder'}" if (folder / "text_encoder" / "config.json").is_file() else \
-            "; pass the Mistral-Small-3.2 checkpoint folder (or a FLUX.2-dev snapshot's text_encoder/)"
+            "; pass the text encoder checkpoint folder (or a FLUX.2 snapshot's text_encoder/)"
         raise LoadError(f"{folder}: no config.json{hint}")
     raw = json.loads(file.read_text())
     c = raw.get("text_config", raw)
+    family = c.get("model_type", "mistral")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if c.get("model_type", "mistral") != "mistral" or c.get("hidden_act", "silu") != "silu" \
-            or rope.get("rope_type", "default") != "default":
-        raise LoadError(f"{file}: not a Mistral text model with plain RoPE (model_type {c.get('model_type')!r}, "
-                        f"rope {rope.get('rope_type')!r}); pass Mistral-Small-3.2-24B-Instruct-2506")
-    d = MistralConfig()
+    if family not in _TEXT_DEFAULTS or c.get("hidden_act", "silu") != "silu" \
+            or rope.get("rope_type", "default") != "default" or c.get("attention_bias", False):
+        raise LoadError(f"{file}: not a Mistral/Qwen3 text model with plain RoPE (model_type {family!r}, "
+                        f"rope {rope.get('rope_type')!r}); pass {' or '.join(_TEXT_MODELS.values())}")
+    d = _TEXT_DEFAULTS[family]
     heads = c.get("num_attention_heads", d.num_heads)
     cfg = MistralConfig(
         vocab_size=c.get("vocab_size", d.vocab_size), hidden_size=c.get("hidden_size", d.hidden_size),
         intermediate_size=c.get("intermediate_size", d.intermediate_size),
         num_layers=c.get("num_hidden_layers", d.num_layers), num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads", d.num_kv_heads),
-        head_dim=c.get("head_dim") or c.get("hidden_size", d.hidden_size) // heads,
+        # Qwen3Config's head_dim defaults to 128, not hidden / heads (Qwen3-4B: 32 heads of 128 on hidden 2560)
+        head_dim=c.get("head_dim") or (d.head_dim if family == "qwen3" else
+                                       c.get("hidden_size", d.hidden_size) // heads),
         rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or d.rope_theta),
-        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), output_layers=tuple(layers))
-    if not layers or min(layers) < 1 or max(layers) >= cfg.num_layers:
+        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), output_layers=tuple(layers or d.output_layers),
+        qk_norm=d.qk_norm)
+    if not cfg.output_layers or min(cfg.output_layers) < 1 or max(cfg.output_layers) >= cfg.num_layers:
         # HF returns hs[num_layers] after the final norm, which this encoder does not model.
-        raise LoadError(f"{file}: layers {tuple(layers)} must lie in 1..{cfg.num_layers - 1} "
-                        f"(hidden state k = output of decoder layer k); FLUX.2 dev uses (10, 20, 30)")
-    window = c.get("sliding_window")
+        raise LoadError(f"{file}: layers {cfg.output_layers} must lie in 1..{cfg.num_layers - 1} "
+                        f"(hidden state k = output of decoder layer k); FLUX.2 uses {d.output_layers}")
+    window = c.get("sliding_window") if family == "mistral" or c.get("use_sliding_window") else None
     if window is not None and window < 512:
         raise LoadError(f"{file}: sliding_window {window} < 512 is not supported; FLUX.2 needs full attention")
     return cfg
@@ -976,9 +1015,9 @@ def _our_name(key: str, num_layers: int) -> str | None:
     return name
 
 
-def load_text_encoder(path, layers=(10, 20, 30), device="cpu", dtype=torch.bfloat16) -> MistralEncoder:
-    """Load the language model of an HF Mistral3 / Mistral checkpoint folder (one file or index + shards),
-    reading only embeddings and layers below max(layers) from disk."""
+def load_text_encoder(path, layers=None, device="cpu", dtype=torch.bfloat16) -> MistralEncoder:
+    """Load the language model of an HF Mistral3 / Mistral / Qwen3 checkpoint folder (one file or index + shards),
+    reading only embeddings and layers below max(layers) from disk; layers None = the family's FLUX.2 layers."""
     path = Path(path)
     cfg = _text_config(path, layers)
     files = safetensors_files(path)
@@ -998,7 +1037,8 @@ def load_text_encoder(path, layers=(10, 20, 30), device="cpu", dtype=torch.bfloa
                         f"is the download complete?")
 
     tensors = ((wanted[k], t) for k, t in iter_tensors(files, keep=wanted.__contains__))
-    assign_weights(model, tensors, device=device, dtype=dtype, source=path, what="Mistral text encoder")
+    what = "Qwen3" if cfg.qk_norm else "Mistral"
+    assign_weights(model, tensors, device=device, dtype=dtype, source=path, what=f"{what} text encoder")
     return model.eval().requires_grad_(False)
 
 
@@ -1011,6 +1051,9 @@ SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
                "[SYSTEM_PROMPT]": 17, "[/SYSTEM_PROMPT]": 18}
 _NUM_SPECIAL = 1000  # ordinary token id = tekken rank + 1000
+# Qwen3's chat-template control tokens (klein, reference §6.2); their ids are read from the tokenizer.json
+# (151643-151645, 151667-151668 in Qwen3's). <|endoftext|> is the pad.
+QWEN_CONTROLS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
 def _byte_chars() -> str:
@@ -1054,35 +1097,45 @@ def _from_tekken(file: Path, raw: dict) -> tokenizers.Tokenizer:
     return _byte_bpe([base64.b64decode(v["token_bytes"]) for v in vocab], config["pattern"])
 
 
-def _from_hf_json(file: Path, raw: dict) -> tokenizers.Tokenizer:
-    """An HF tokenizer.json with its added (control) tokens removed, so prompt text never turns into control ids."""
+def _from_hf_json(file: Path, raw: dict) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    """An HF tokenizer.json with its added (control) tokens removed, so prompt text never turns into control ids,
+    and the control ids the prompt template needs: Mistral's Tekken layout, or Qwen3's chat tokens."""
     added = {t["content"]: t["id"] for t in raw.get("added_tokens", [])}
     vocab = raw["model"].get("vocab") or {}
-    if any(added.get(n, vocab.get(n)) != i for n, i in SPECIAL_IDS.items()):
+    if "<|im_start|>" in added:
+        controls = {n: added.get(n) for n in QWEN_CONTROLS}
+        if None in controls.values():
+            raise LoadError(f"{file}: a ChatML tokenizer without {[n for n, i in controls.items() if i is None]}; "
+                            f"pass Qwen3-4B's / Qwen3-8B's tokenizer.json")
+    elif any(added.get(n, vocab.get(n)) != i for n, i in SPECIAL_IDS.items()):
         raise LoadError(f"{file}: control-token ids differ from Mistral's Tekken layout (<s>=1, <pad>=11, ...); "
-                        f"pass Mistral-Small-3.1's tokenizer.json")
+                        f"pass Mistral-Small-3.1's tokenizer.json (dev) or Qwen3's (klein)")
+    else:
+        controls = SPECIAL_IDS
     # Padding and truncation stored by a previous padded call would turn every token into <pad>; we pad ourselves.
     raw = {**raw, "added_tokens": [], "post_processor": None, "padding": None, "truncation": None}
-    return tokenizers.Tokenizer.from_str(json.dumps(raw))
+    return tokenizers.Tokenizer.from_str(json.dumps(raw)), controls
 
 
 class Tokenizer:
-    """Tekken BPE plus the FLUX.2 [dev] prompt template: prompts -> left-padded ids and mask."""
+    """Tekken BPE plus the FLUX.2 [dev] prompt template (left-padded), or Qwen3's BPE plus the klein template
+    (right-padded): prompts -> ids and mask."""
 
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
             path = next((path / n for n in ("tokenizer.json", "tekken.json") if (path / n).is_file()), path)
         if not path.is_file():
-            raise LoadError(f"{path}: no tokenizer.json or tekken.json here; pass Mistral-Small-3.1's tokenizer file")
+            raise LoadError(f"{path}: no tokenizer.json or tekken.json here; pass the snapshot's tokenizer/ folder")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise LoadError(f"{path}: not a JSON tokenizer file ({e}); the download may be truncated") from None
+        self.controls = SPECIAL_IDS
         if "vocab" in raw and "config" in raw:
             self.bpe = _from_tekken(path, raw)
         elif "model" in raw:
-            self.bpe = _from_hf_json(path, raw)
+            self.bpe, self.controls = _from_hf_json(path, raw)
         else:
             raise LoadError(f"{path}: neither an HF tokenizer.json nor a Mistral tekken.json")
 
@@ -1090,8 +1143,13 @@ class Tokenizer:
     def tiny(cls) -> "Tokenizer":
         """A byte-level tokenizer built in code (bytes at ids 1000..1255, no merges) for the tiny demo model."""
         self = cls.__new__(cls)
-        self.bpe = _byte_bpe([bytes([b]) for b in range(256)], pattern=None)
+        self.bpe, self.controls = _byte_bpe([bytes([b]) for b in range(256)], pattern=None), SPECIAL_IDS
         return self
+
+    @property
+    def family(self) -> str:
+        """'qwen3' (klein template) or 'mistral' (dev template)."""
+        return "qwen3" if "<|im_start|>" in self.controls else "mistral"
 
     def encode(self, text: str) -> list[int]:
         """Ordinary token ids of text; control-token spellings in text stay plain text."""
@@ -1099,11 +1157,14 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of the ordinary tokens in ids (control tokens and pads dropped)."""
-        return self.bpe.decode([int(i) for i in ids if i >= _NUM_SPECIAL])
+        first, last = (0, min(self.controls.values())) if self.family == "qwen3" else (_NUM_SPECIAL, 1 << 62)
+        return self.bpe.decode([int(i) for i in ids if first <= i < last])
 
     def encode_prompts(self, prompts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
-        """Render each prompt in the FLUX.2 chat format, truncate on the right and left-pad with <pad>:
-        -> ids int64 [B, max_length], mask bool [B, max_length] (True = real token)."""
+        """Render each prompt in the family's chat format and truncate on the right; dev left-pads with <pad>,
+        klein right-pads with <|endoftext|>: -> ids int64 [B, max_length], mask bool [B, max_length] (True = real)."""
+        if self.family == "qwen3":
+            return self._encode_klein(prompts, max_length)
         s = SPECIAL_IDS
         system = self.encode(SYSTEM_MESSAGE)
         texts = [p.replace("[IMG]", "") for p in prompts]   # as BFL: an image token in text would break the processor
@@ -1116,12 +1177,28 @@ class Tokenizer:
             mask[i, max_length - len(row):] = True
         return ids, mask
 
+    def _encode_klein(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+        """Qwen3's chat template with thinking off and no system message (reference §6.2):
+        <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n, right-padded.
+        HF splits the rendered text at control tokens and encodes each piece alone, as done here."""
+        c = self.controls
+        nl, nl2, assistant = self.encode("\n"), self.encode("\n\n"), self.encode("assistant\n")
+        ids = torch.full((len(prompts), max_length), c["<|endoftext|>"], dtype=torch.int64)
+        mask = torch.zeros(len(prompts), max_length, dtype=torch.bool)
+        for i, enc in enumerate(self.bpe.encode_batch(["user\n" + p for p in prompts], add_special_tokens=False)):
+            row = [c["<|im_start|>"], *enc.ids, c["<|im_end|>"], *nl, c["<|im_start|>"], *assistant,
+                   c["<think>"], *nl2, c["</think>"], *nl2][:max_length]
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = True
+        return ids, mask
+
 
 # ----------------------------------------------------------------------------------------------------------
-# A whole FLUX.2-dev snapshot
+# A whole FLUX.2 snapshot (dev, or klein: reference §1.1)
 
-SNAPSHOT_PARTS = {  # part -> accepted locations inside a FLUX.2-dev snapshot directory, first match wins
-    "transformer": ["flux2-dev.safetensors", "transformer"],
+SNAPSHOT_PARTS = {  # part -> accepted locations inside a FLUX.2 snapshot directory, first match wins
+    "transformer": ["flux2-dev.safetensors", "transformer", *(f"flux-2-klein-{v}.safetensors" for v in
+                    ("4b", "9b", "base-4b", "base-9b"))],
     "vae": ["ae.safetensors", "vae"],
     "text_encoder": ["text_encoder"],
     "tokenizer": ["tokenizer/tokenizer.json", "tokenizer/tekken.json", "tokenizer.json", "tekken.json"],
@@ -1129,15 +1206,27 @@ SNAPSHOT_PARTS = {  # part -> accepted locations inside a FLUX.2-dev snapshot di
 
 
 def find_snapshot(model_dir) -> dict[str, Path]:
-    """Locate the DiT, VAE, text encoder and tokenizer in a FLUX.2-dev snapshot; say exactly what is missing."""
+    """Locate the DiT, VAE, text encoder and tokenizer in a FLUX.2 snapshot; say exactly what is missing."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise LoadError(f"{model_dir}: not a folder; --model-dir takes a FLUX.2-dev snapshot directory")
+        raise LoadError(f"{model_dir}: not a folder; --model-dir takes a FLUX.2 (dev or klein) snapshot directory")
     found = {}
     for part, candidates in SNAPSHOT_PARTS.items():
         hit = next((model_dir / c for c in candidates if (model_dir / c).exists()), None)
         if hit is None:
             raise LoadError(f"{model_dir}: no {part} found (looked for {', '.join(candidates)}); "
-                            f"download that part of black-forest-labs/FLUX.2-dev into this folder")
+                            f"download that part of black-forest-labs/FLUX.2-dev (or -klein-*) into this folder")
         found[part] = hit
     return found
+
+
+def check_pair(dit_path, text_path, layers=None) -> None:
+    """Refuse a DiT and text encoder that do not belong together: dev (guidance embedder) takes Mistral features,
+    klein Qwen3 features, and the DiT's context width must be len(layers) x the encoder's hidden size."""
+    dit, text = dit_config(dit_path), _text_config(Path(text_path), layers)
+    family, want = ("qwen3" if text.qk_norm else "mistral"), ("mistral" if dit.use_guidance_embed else "qwen3")
+    width = len(text.output_layers) * text.hidden_size
+    if family != want or width != dit.context_in_dim:
+        raise LoadError(f"{text_path}: a {family} encoder giving {width}-wide features, but the transformer "
+                        f"{dit_path} ({preset_name(dit)}) takes {dit.context_in_dim}-wide {want} features; "
+                        f"use the text encoder of the same snapshot ({_TEXT_MODELS[want]})")

@@ -1,4 +1,4 @@
-"""The FLUX.2 [dev] sampler and its CLI: text-to-image, editing with reference images, sampling with a LoRA.
+"""The FLUX.2 [dev] / [klein] sampler and its CLI: text-to-image, editing with reference images, sampling with a LoRA.
 
 Follows /work/shared/docs/flux2_reference.md §7 (7.1 schedule, 7.2 Euler loop, 7.3 reference images) and §11
 (end-to-end), with the ids and token order of §4 and the byte conversion of §5.4. One image per forward pass:
@@ -8,6 +8,9 @@ Follows /work/shared/docs/flux2_reference.md §7 (7.1 schedule, 7.2 Euler loop, 
     refs --RGB, cap area, crop /16, [-1,1]--> ae.encode --pack--> [1, L_ref, 128], ids t = 10, 20, ...
     for t, t_next in schedule(steps, L): x += (t_next - t) * dit([x ; refs], t, txt, guidance)[:, :L]
     x --unpack--> ae.decode --clamp(-1, 1), (x + 1) * 127.5, byte--> PNG with the settings as text metadata
+
+klein (§6.2, §7.2) swaps in Qwen3 (layers 9/18/27, right-padded prompts) and has no guidance embedder; its base
+models use true CFG (--cfg, default 4.0 for them): v = v("") + cfg * (v(prompt) - v("")), both rows in one batch.
 
     python sample.py --model tiny --device cpu --prompt "a red fox" --width 256 --height 256 --steps 8 --out fox.png
     python sample.py --model-dir FLUX.2-dev --prompt "..." --lora my.safetensors --lora-scale 0.8 --ref in.png
@@ -61,18 +64,28 @@ def schedule(num_steps: int, image_seq_len: int) -> list[float]:
 
 @torch.no_grad()
 def denoise(model, noise_tokens: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
-            guidance: float, ref_tokens: Tensor | None = None, ref_ids: Tensor | None = None) -> Tensor:
+            guidance: float, ref_tokens: Tensor | None = None, ref_ids: Tensor | None = None,
+            cfg: float | None = None, txt_uncond: Tensor | None = None) -> Tensor:
     """Euler-integrate the predicted velocity from t=1 to t=0: noise_tokens [B, L, 128] -> image tokens, same shape.
-    Reference tokens [B, L_ref, 128] (clean, never updated) are appended after the target at every step."""
+    Reference tokens [B, L_ref, 128] (clean, never updated) are appended after the target at every step.
+    With cfg (klein base, reference §7.2): uncond and cond rows in one batch, v = v_u + cfg (v_c - v_u)."""
     x = noise_tokens
     B, L = x.shape[:2]
-    # dev is guidance-distilled: no CFG, the guidance value only feeds the guidance embedder
-    g = torch.full((B,), guidance, dtype=x.dtype, device=x.device)
+    n = 2 * B if cfg is not None else B                                # rows per forward
+    if cfg is not None:
+        txt = torch.cat([txt_uncond.expand_as(txt), txt])              # [2B, L_txt, ctx]: uncond rows first
+    # dev is guidance-distilled: no CFG, the guidance value only feeds the guidance embedder (klein has none)
+    g = torch.full((n,), guidance, dtype=x.dtype, device=x.device)
     ids = img_ids if ref_ids is None else torch.cat([img_ids, ref_ids], dim=1)      # [B, L + L_ref, 4]
+    ids, txt_ids = ids.repeat(n // len(ids), 1, 1), txt_ids.repeat(n // len(txt_ids), 1, 1)
     for t_cur, t_next in zip(timesteps[:-1], timesteps[1:]):
-        inp = x if ref_tokens is None else torch.cat([x, ref_tokens], dim=1)
-        t = torch.full((B,), t_cur, dtype=x.dtype, device=x.device)   # in the model dtype, as the reference
+        inp = x if ref_tokens is None else torch.cat([x, ref_tokens.expand(B, -1, -1)], dim=1)
+        inp = inp.repeat(n // B, 1, 1)
+        t = torch.full((n,), t_cur, dtype=x.dtype, device=x.device)   # in the model dtype, as the reference
         v = model(inp, ids, txt, txt_ids, t, g)[:, :L]                 # velocity of the target tokens only
+        if cfg is not None:
+            v_u, v_c = v.chunk(2)
+            v = v_u + cfg * (v_c - v_u)
         x = x + (t_next - t_cur) * v
     return x
 
@@ -138,7 +151,7 @@ class Models:
 
 
 def snapshot_paths(model_dir) -> dict[str, Path]:
-    """The parts of a FLUX.2-dev snapshot under the names used here; LoadError naming the first missing part."""
+    """The parts of a FLUX.2 snapshot under the names used here; LoadError naming the first missing part."""
     p = flux2.find_snapshot(Path(model_dir).expanduser())
     return {"dit": p["transformer"], "ae": p["vae"], "text": p["text_encoder"], "tokenizer": p["tokenizer"]}
 
@@ -151,19 +164,25 @@ def _tiny(build, seed: int):
 
 
 def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                parts=("text", "dit", "ae"), dit_device=None, text_layers=(10, 20, 30), seed: int = 0) -> Models:
-    """Load `parts` of a FLUX.2-dev snapshot, or build the tiny stack (random weights from `seed`; the trainer's
-    --model tiny gets the same weights). dit_device="cpu" leaves the DiT for offload.prepare to place."""
+                parts=("text", "dit", "ae"), dit_device=None, text_layers=None, seed: int = 0) -> Models:
+    """Load `parts` of a FLUX.2 dev or klein snapshot, or build the tiny stack (random weights from `seed`; the
+    trainer's --model tiny gets the same weights). dit_device="cpu" leaves the DiT for offload.prepare to place.
+    text_layers None: the encoder family's FLUX.2 layers (dev: Mistral 10/20/30, klein: Qwen3 9/18/27)."""
     device = torch.device(device)
     ae_dtype = torch.promote_types(dtype, torch.float32)         # ae.safetensors is float32 and small
     m = Models(device=device, dtype=dtype)
     paths = None if tiny else snapshot_paths(model_dir)          # fails before anything heavy is read
+    if paths is not None:
+        flux2.check_pair(paths["dit"], paths["text"], text_layers)   # e.g. a klein DiT next to dev's Mistral
     if "text" in parts:
         if tiny:
             m.tokenizer = Tokenizer.tiny()
             m.text_encoder = _tiny(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), seed + 2).to(device, dtype)
         else:
             m.tokenizer = Tokenizer(paths["tokenizer"])
+            if m.tokenizer.family != flux2.text_family(paths["text"]):
+                raise LoadError(f"{paths['tokenizer']}: a {m.tokenizer.family} tokenizer next to a "
+                                f"{flux2.text_family(paths['text'])} text encoder; use the snapshot's own tokenizer/")
             m.text_encoder = flux2.load_text_encoder(paths["text"], text_layers, device=device, dtype=dtype)
     if "dit" in parts:
         at = dit_device or device
@@ -298,10 +317,13 @@ def snap16(width: int, height: int) -> tuple[int, int]:
 @torch.no_grad()
 def generate_tensors(models: Models, prompts: list[str] | None = None, *, width: int, height: int, steps: int,
                      guidance: float, seeds: list[int], refs: list[Image.Image] | None = None,
-                     txt: Tensor | None = None) -> Tensor:
+                     txt: Tensor | None = None, cfg: float | None = None, txt_uncond: Tensor | None = None) -> Tensor:
     """Like `generate`, but returns the decoded pixels [N, 3, H, W] clamped to [-1, 1] (the autoencoder's dtype)."""
     if txt is None:
         txt = encode_text(models, [prompts] if isinstance(prompts, str) else prompts)
+    cfg = cfg if cfg is not None and cfg > 1 else None                 # as diffusers: CFG only above 1
+    if cfg is not None and txt_uncond is None:
+        txt_uncond = encode_text(models, [""])                         # klein base's negative prompt is empty
     if len(seeds) != len(txt):
         raise ValueError(f"{len(txt)} prompts but {len(seeds)} seeds; pass one seed per prompt")
     width, height = snap16(width, height)
@@ -318,7 +340,8 @@ def generate_tensors(models: Models, prompts: list[str] | None = None, *, width:
     try:
         for i, seed in enumerate(seeds):
             x = pack(noise(seed, h16, w16, dit.cfg.in_channels)).to(dev, dt)              # [1, L, 128]
-            x = denoise(dit, x, img_ids, txt[i:i + 1].to(dev, dt), txt_ids, timesteps, guidance, ref_tokens, ref_ids)
+            x = denoise(dit, x, img_ids, txt[i:i + 1].to(dev, dt), txt_ids, timesteps, guidance, ref_tokens, ref_ids,
+                        cfg, None if cfg is None else txt_uncond.to(dev, dt))
             out.append(ae.decode(unpack(x, h16, w16).to(ae_dtype)).clamp(-1, 1))         # [1, 3, H, W]
     finally:
         dit.train(was_training)
@@ -332,17 +355,20 @@ def to_pil(pixels: Tensor) -> Image.Image:
 
 def generate(models: Models, prompts: list[str] | None = None, *, width: int, height: int, steps: int,
              guidance: float, seeds: list[int], refs: list[Image.Image] | None = None,
-             txt: Tensor | None = None) -> list[Image.Image]:
-    """One image per prompt (or per row of precomputed txt features [N, 512, ctx]) and seed; refs condition all."""
+             txt: Tensor | None = None, cfg: float | None = None,
+             txt_uncond: Tensor | None = None) -> list[Image.Image]:
+    """One image per prompt (or per row of precomputed txt features [N, 512, ctx]) and seed; refs condition all.
+    cfg > 1: true classifier-free guidance against txt_uncond (default: the empty prompt's features)."""
     return [to_pil(x) for x in generate_tensors(models, prompts, width=width, height=height, steps=steps,
-                                                guidance=guidance, seeds=seeds, refs=refs, txt=txt)]
+                                                guidance=guidance, seeds=seeds, refs=refs, txt=txt, cfg=cfg,
+                                                txt_uncond=txt_uncond)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # PNG metadata: the settings that reproduce an image
 
 META = {"prompt": str, "seed": int, "steps": int, "guidance": float, "width": int, "height": int, "lora": str,
-        "lora_scale": float, "refs": json.loads, "model": str}   # key -> parser of its text
+        "lora_scale": float, "refs": json.loads, "model": str, "cfg": float}   # key -> parser of its text
 
 
 def save_png(img: Image.Image, path, settings: dict) -> None:
@@ -368,7 +394,30 @@ def read_png_settings(path) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
-DEFAULTS = {"width": 1024, "height": 1024, "steps": 50, "guidance": 4.0, "lora_scale": 1.0, "refs": []}
+DEFAULTS = {"width": 1024, "height": 1024, "guidance": 4.0, "lora_scale": 1.0, "refs": []}
+
+
+def klein_kind(model_dir) -> str | None:
+    """'base' or 'distilled' for a klein snapshot (no guidance embedder), None for dev. Base when the snapshot's
+    model_index.json says is_distilled false, or (no such entry) when the snapshot folder's name (the repo's name
+    for an HF cache snapshot, models--...--FLUX.2-klein-base-4B/snapshots/<hash>) or the DiT file's contains "base"."""
+    dit = snapshot_paths(model_dir)["dit"]
+    if flux2.dit_config(dit).use_guidance_embed:
+        return None
+    index = Path(model_dir).expanduser() / "model_index.json"
+    distilled = json.loads(index.read_text()).get("is_distilled") if index.is_file() else None
+    if distilled is None:
+        folder = Path(model_dir).expanduser().absolute()
+        names = [folder.name, dit.name] + ([folder.parent.parent.name] if folder.parent.name == "snapshots" else [])
+        distilled = not any("base" in n.lower() for n in names)
+    return "distilled" if distilled else "base"
+
+
+def model_defaults(model_dir) -> dict:
+    """Steps and CFG for a snapshot (None: the dev-shaped tiny demo), reference §1.1: dev 50 steps, no CFG (it has
+    a guidance embedder); klein base 50 steps, CFG 4.0; step-distilled klein 4 steps, no CFG."""
+    kind = None if model_dir is None else klein_kind(model_dir)
+    return {None: {"steps": 50}, "base": {"steps": 50, "cfg": 4.0}, "distilled": {"steps": 4}}[kind]
 
 
 def _open_image(path) -> Image.Image:
@@ -381,7 +430,8 @@ def _open_image(path) -> Image.Image:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample FLUX.2 [dev] images, optionally with a LoRA and reference images.")
+    p = argparse.ArgumentParser(description="Sample FLUX.2 [dev] / [klein] images, optionally with a LoRA and "
+                                            "reference images.")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompts", type=Path, help="a text file with one prompt per line (seeds count up from --seed)")
     p.add_argument("--from-png", type=Path, help="take every setting from a PNG written by this script; "
@@ -391,13 +441,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", nargs="+", help="reference image(s) for editing")
     p.add_argument("--width", type=int, help="default 1024 (rounded down to a multiple of 16)")
     p.add_argument("--height", type=int, help="default 1024")
-    p.add_argument("--steps", type=int, help="default 50 (28 is a good trade-off)")
-    p.add_argument("--guidance", type=float, help="guidance-embedder value, default 4.0")
+    p.add_argument("--steps", type=int, help="default 50 for dev and klein base (28 is a good trade-off for dev), "
+                                             "4 for step-distilled klein")
+    p.add_argument("--guidance", type=float, help="guidance-embedder value (dev only), default 4.0")
+    p.add_argument("--cfg", type=float, help="true classifier-free guidance scale against the empty prompt, "
+                                             "(2 rows per DiT pass); default 4.0 for klein base, off otherwise; "
+                                             "<= 1 turns it off")
     p.add_argument("--seed", type=int, help="default: random (it is stored in the PNG)")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; several prompts add _000, _001, ...")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--model-dir", help="FLUX.2-dev snapshot: transformer/ or flux2-dev.safetensors, vae/ or "
-                                           "ae.safetensors, text_encoder/, tokenizer/")
+    model.add_argument("--model-dir", help="FLUX.2-dev or -klein snapshot: transformer/ or flux2-dev.safetensors "
+                                           "(flux-2-klein-*.safetensors), vae/ or ae.safetensors, text_encoder/, "
+                                           "tokenizer/")
     model.add_argument("--model", choices=["tiny"], help="the tiny random-weight demo model (CPU-friendly)")
     p.add_argument("--offload", default="auto", choices=offload.STRATEGIES,
                    help="how the DiT's blocks are placed on the GPU (offload.py); auto: resident if they fit")
@@ -412,6 +467,7 @@ def _settings(args) -> dict:
     """Defaults, then the PNG's settings, then the flags given on the command line."""
     s = dict(DEFAULTS, **(read_png_settings(args.from_png) if args.from_png else {}))
     flags = {"width": args.width, "height": args.height, "steps": args.steps, "guidance": args.guidance,
+             "cfg": args.cfg,
              "seed": args.seed, "lora": args.lora, "lora_scale": args.lora_scale, "refs": args.ref,
              "model": "tiny" if args.model else args.model_dir}
     s.update({k: v for k, v in flags.items() if v is not None})
@@ -424,7 +480,9 @@ def _settings(args) -> dict:
     if not s["prompts"]:
         raise LoadError("no prompt; pass --prompt TEXT, --prompts FILE or --from-png FILE")
     if not s.get("model"):
-        raise LoadError("no model; pass --model-dir FLUX.2-dev-snapshot or --model tiny")
+        raise LoadError("no model; pass --model-dir FLUX.2-snapshot or --model tiny")
+    for key, value in model_defaults(None if s["model"] == "tiny" else s["model"]).items():
+        s.setdefault(key, value)                   # a PNG's or flag's cfg (1 included: off) wins, so it is stored
     if s.get("lora") and not Path(s["lora"]).is_file():
         raise LoadError(f"{s['lora']}: no such LoRA file; pass the .safetensors that train.py wrote")
     if "seed" not in s:
@@ -447,6 +505,7 @@ def run(args) -> list[Path]:
     # 1. every prompt through the text encoder, which is then freed: it and the DiT do not fit on one GPU together
     models = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("text",))
     txt = encode_text(models, s["prompts"])
+    txt_uncond = encode_text(models, [""]) if (s.get("cfg") or 0) > 1 else None   # klein base: CFG vs ""
     free_text_encoder(models)
 
     # 2. the DiT lands on the CPU, takes the LoRA, and offload.py places its blocks (resident or streamed)
@@ -465,8 +524,9 @@ def run(args) -> list[Path]:
     for i, (prompt, out) in enumerate(zip(s["prompts"], outs)):
         seed = s["seed"] + i
         img, = generate(models, width=s["width"], height=s["height"], steps=s["steps"], guidance=s["guidance"],
-                        seeds=[seed], refs=refs, txt=txt[i:i + 1])
+                        seeds=[seed], refs=refs, txt=txt[i:i + 1], cfg=s.get("cfg"), txt_uncond=txt_uncond)
         save_png(img, out, {"prompt": prompt, "seed": seed, "steps": s["steps"], "guidance": s["guidance"],
+                            "cfg": s.get("cfg"),
                             "width": s["width"], "height": s["height"], "lora": s.get("lora"),
                             "lora_scale": s["lora_scale"] if s.get("lora") else None, "refs": s["refs"],
                             "model": s["model"]})

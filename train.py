@@ -8,6 +8,10 @@ projections, gradient checkpointing before every block, bf16 autocast, previews 
     python train.py --data DIR --model-dir FLUX.2-dev/ --rank 16          # the real model, one GPU
     python train.py --data examples/toy --model tiny --steps 50            # random tiny model, CPU, seconds
     torchrun --nproc_per_node 8 train.py --data DIR --model-dir FLUX.2-dev/ --batch-size 16   # 8 GPUs, 2 each
+    python train.py --data DIR --model-dir FLUX.2-klein-base-4B/           # klein: no guidance, CFG previews
+
+FLUX.2 [klein] snapshots work the same way (Qwen3 text features, no guidance embedder). Train on the klein base
+models; a step-distilled klein gets a warning (fine-tuning undoes the 4-step distillation).
 
 Under torchrun the frozen DiT is sharded over the ranks with FSDP2 (offload.py) and the run is data parallel: the
 global batch is split over the ranks, t and noise are drawn for the whole global batch from the same seeded stream
@@ -258,13 +262,15 @@ def read_prompts(path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every one can also be given as a key of --config FILE.toml."""
-    p = argparse.ArgumentParser(description="Train a FLUX.2 [dev] LoRA on a folder of captioned images.")
+    p = argparse.ArgumentParser(description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
     a("--model", choices=["dev", "tiny", "dev-random"], default="dev",
-      help="dev (needs --model-dir), tiny (random, CPU demo) or dev-random (full size, random: speed/memory runs)")
-    a("--model-dir", help="a FLUX.2-dev snapshot folder (flux2-dev.safetensors / transformer/, ae, text_encoder)")
+      help="dev (needs --model-dir: a dev or klein snapshot), tiny (random, CPU demo) or dev-random (full size, "
+           "random: speed/memory runs)")
+    a("--model-dir", help="a FLUX.2-dev or FLUX.2-klein(-base) snapshot folder (DiT file or transformer/, ae, "
+                          "text_encoder, tokenizer); for klein train on the base model")
     a("--out", default="out", help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
     a("--cache-dir", help="latent/text cache (default ~/.cache/flux2-lora); entries are keyed by content hash")
     a("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts from its start)")
@@ -386,12 +392,18 @@ def _train(args, device: torch.device) -> dict:
     #    With several ranks each encodes its share into the one cache; all then read all of it.
     source = sample.ModelSource(args.model, args.model_dir, device)     # the same tiny weights as sample.py's
     ae_id, text_id = source.ae_id, source.text_id
+    klein = None if source.tiny or source.random else sample.klein_kind(args.model_dir)
+    if klein == "distilled" and rank == 0:
+        warnings.warn(f"{args.model_dir} is a step-distilled FLUX.2 [klein] (4-step sampler): fine-tuning undoes the "
+                      f"distillation, and users report washed-out, grey-blotched samples; train on the klein base "
+                      f"model (FLUX.2-klein-base-4B / -9B) instead")
+    cfg = sample.model_defaults(args.model_dir).get("cfg") if klein else None   # klein base previews: true CFG
     prompts = read_prompts(args.sample_prompts) if args.sample_prompts else None
     items = data.cache_latents(args.data, cache_dir=cache, ae_id=ae_id, load_ae=source.load_ae,
                                resolution=args.resolution, buckets=args.buckets,
                                default_caption=args.default_caption, device=device, rank=rank, world=world)
     prompts = prompts or list(dict.fromkeys(it.caption for it in items))[:2]
-    data.cache_texts([it.caption for it in items] + prompts, cache_dir=cache, text_id=text_id,
+    data.cache_texts([it.caption for it in items] + prompts + [""] * bool(cfg), cache_dir=cache, text_id=text_id,
                      load_encoder=source.load_text_encoder, rank=rank, world=world)
     if world > 1:                                  # each rank wrote only its share: all must see all of it
         seen = int(hashlib.sha256("".join(it.digest for it in items).encode()).hexdigest()[:15], 16)
@@ -445,10 +457,12 @@ def _train(args, device: torch.device) -> dict:
         if not args.sample_every or not prompts:
             return
         txt = torch.stack([data.load_text(cache, p, text_id) for p in prompts])          # [N, 512, ctx]
+        uncond = data.load_text(cache, "", text_id)[None] if cfg else None              # [1, 512, ctx]
         # every rank samples: a sharded model's forwards are collective; rank 0 keeps the grid
         images = sample.generate(source.for_preview(model), width=args.resolution, height=args.resolution,
                                  steps=args.sample_steps, guidance=args.guidance,
-                                 seeds=[args.seed + i for i in range(len(prompts))], txt=txt)
+                                 seeds=[args.seed + i for i in range(len(prompts))], txt=txt, cfg=cfg,
+                                 txt_uncond=uncond)
         if rank == 0:
             grid = preview_grid(images, prompts, at)
             data.atomic_write(out / "samples" / f"step-{at:06d}.png", lambda f: grid.save(f, format="PNG"))
