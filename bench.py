@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import flux2
 import lora
 import offload
-from sample import fill_random
+from sample import HelpFormatter, fill_random
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 798, "H200": 730, "A100": 312}       # measured (H100, H200) or spec (A100) bf16 matmul
@@ -405,7 +405,7 @@ def run_forward(args, device, out: Path, meta: dict):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--configs", default=None,
                    help="batch x side in pixels, comma-separated (default 8x1024,1x1024,1x512,2x1024; forward-only "
                         "1x1024,1x512)")
@@ -415,16 +415,16 @@ def main(argv=None):
     p.add_argument("--forward-only", action="store_true", help="issue 2: one resident forward per config, no grad")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (batch < 4)")
     p.add_argument("--big-batch-steps", type=int, default=2, help="timed steps at batch >= 4")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--time-budget", type=float, default=530, help="seconds; runs that would not fit are skipped")
     p.add_argument("--compile", action="store_true", help="torch.compile every block (all runs)")
     p.add_argument("--gpu-memory-limit", type=float, default=None, help="GiB the planner may use (default: free)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by card name)")
-    p.add_argument("--preset", default="dev", choices=sorted(flux2.PRESETS))
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--txt-len", type=int, default=512)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--preset", default="dev", choices=sorted(flux2.PRESETS), help="DiT size")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (paper targets)")
+    p.add_argument("--txt-len", type=int, default=512, help="text tokens per sample")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
+    p.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
     args = p.parse_args(argv)
     args.dtype = torch.bfloat16
     args.configs = args.configs or ("1x1024,1x512" if args.forward_only else "8x1024,1x1024,1x512,2x1024")

@@ -1,6 +1,6 @@
 """The FLUX.2 [dev] / [klein] sampler and its CLI: text-to-image, editing with reference images, sampling with a LoRA.
 
-Follows /work/shared/docs/flux2_reference.md §7 (7.1 schedule, 7.2 Euler loop, 7.3 reference images) and §11
+Follows docs/flux2_reference.md §7 (7.1 schedule, 7.2 Euler loop, 7.3 reference images) and §11
 (end-to-end), with the ids and token order of §4 and the byte conversion of §5.4. One image per forward pass:
 
     prompt --tokenizer + Mistral (layers 10/20/30)--> txt [1, 512, 15360]        (text encoder freed afterwards)
@@ -429,8 +429,18 @@ def _open_image(path) -> Image.Image:
         raise LoadError(f"{path}: cannot open this image ({e}); pass a PNG/JPEG/WebP file") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help lines that end with the flag's default, unless the text already states it (or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample FLUX.2 [dev] / [klein] images, optionally with a LoRA and "
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Sample FLUX.2 [dev] / [klein] images, optionally with a LoRA and "
                                             "reference images.")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompts", type=Path, help="a text file with one prompt per line (seeds count up from --seed)")

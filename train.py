@@ -1,6 +1,6 @@
 """LoRA fine-tuning of FLUX.2 [dev] by flow matching: the training loop and its command line.
 
-Follows /work/shared/docs/flux2_reference.md §8 (x_t = (1 - t)·x0 + t·eps, target eps - x0, t in [0, 1] fed to the
+Follows docs/flux2_reference.md §8 (x_t = (1 - t)·x0 + t·eps, target eps - x0, t in [0, 1] fed to the
 model, constant guidance), §7.1 (the sampler's resolution-dependent shift, reused to draw training timesteps) and
 §4 (position ids), and the report (docs/paper.md): AdamW at a constant lr, rank-16 LoRA on the attention
 projections, gradient checkpointing before every block, bf16 autocast, previews and checkpoints on a schedule.
@@ -262,7 +262,7 @@ def read_prompts(path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every one can also be given as a key of --config FILE.toml."""
-    p = argparse.ArgumentParser(description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
+    p = argparse.ArgumentParser(formatter_class=sample.HelpFormatter, description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
@@ -280,12 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--buckets", action="store_true", help="aspect-ratio buckets of about resolution^2 pixels instead of squares")
     a("--repeats", type=int, default=1, help="times each image appears per epoch")
     a("--default-caption", help="caption for images without one")
-    a("--rank", type=int, default=16)
+    a("--rank", type=int, default=16, help="LoRA rank r of every adapter")
     a("--alpha", type=float, help="LoRA alpha (scale alpha/rank); default = rank, i.e. scale 1")
     a("--lora-targets", default="paper", help="lora.py preset (paper, attn+mlp, all) or a regex over module names")
-    a("--lr", type=float, default=1e-4)
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (the report: no scheduler)")
     a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
-    a("--timestep-sampling", choices=["shift", "logit-normal", "uniform"], default="shift")
+    a("--timestep-sampling", choices=["shift", "logit-normal", "uniform"], default="shift",
+      help="how training t is drawn: shift = the sampler's time shift applied to U(0,1) (matches sampling), "
+           "logit-normal = the same shift on sigmoid(N(0,1)), uniform = U(0,1) as the diffusers trainer")
     a("--guidance", type=float, default=4.0, help="guidance value fed to the guidance embedder while training")
     a("--offload", choices=offload.STRATEGIES, default="auto",
       help="block placement (offload.py): auto = resident if everything fits, else stream the fewest blocks")
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the blocks when the plan keeps them all resident (default: on with CUDA)")
     a("--device", help="cuda or cpu (default: cuda when available)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="data order, noise, timesteps, LoRA init; preview seeds are seed + i")
     a("--save-every", type=int, default=250, help="checkpoint every N steps (0: only at the end)")
     a("--sample-every", type=int, default=200, help="preview grid every N steps, also at step 0 (0: never)")
     a("--sample-prompts", help="text file, one preview prompt per line (default: the first two captions)")
