@@ -12,6 +12,7 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistr
 from transformers import MistralConfig as HFMistralConfig
 
 from flux2 import LoadError, load_text_encoder
+from test_sample import randomize as randomize_all
 
 TEXT = {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 32, "intermediate_size": 64, "head_dim": 16,
         "max_position_embeddings": 1024, "num_attention_heads": 4, "num_hidden_layers": 4, "num_key_value_heads": 2,
@@ -23,13 +24,10 @@ PAD = 11
 
 
 def randomize(model, pad_row_zero: bool, seed: int = 0):
-    """Every parameter drawn with a real spread (HF init leaves norms at 1 and linears near 0), float64."""
-    g = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
+    """Every parameter drawn with a real spread (HF init leaves norms at 1 and linears near 0), float64; the pad
+    embedding row zero (as HF initialises it) or not."""
+    model = randomize_all(model, seed, std=0.3)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else 0.3 * noise)
         emb = model.get_input_embeddings().weight
         emb[PAD] = 0 if pad_row_zero else emb[PAD]
     return model
