@@ -12,14 +12,9 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistr
 from transformers import MistralConfig as HFMistralConfig
 
 from flux2 import LoadError, load_text_encoder
-from test_sample import randomize as randomize_all
+from test_sample import TEXT as SAMPLE_TEXT, VISION, randomize as randomize_all
 
-TEXT = {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 32, "intermediate_size": 64, "head_dim": 16,
-        "max_position_embeddings": 1024, "num_attention_heads": 4, "num_hidden_layers": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 1e9, "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 11}
-VISION = {"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
-          "intermediate_size": 32, "image_size": 32, "patch_size": 8, "num_channels": 3, "head_dim": 4}
+TEXT = {**SAMPLE_TEXT, "hidden_size": 32, "intermediate_size": 64}     # oracle §4.5's tiny Mistral3
 PAD = 11
 
 
