@@ -116,7 +116,8 @@ class Plan:
         budget = "" if self.budget_bytes is None else f" of a {size(self.budget_bytes)} budget"
         over = self.budget_bytes is not None and self.peak_bytes > self.budget_bytes
         over = " -- OVER BUDGET, expect out-of-memory" if over else ""
-        lines.append(f"  estimated peak GPU memory {size(self.peak_bytes)}{budget}{over}")
+        where = "GPU " if self.budget_bytes is not None else ""      # no budget: a CPU run, nothing to fit
+        lines.append(f"  estimated peak {where}memory {size(self.peak_bytes)}{budget}{over}")
         if self.streamed and (self.strategy != "fsdp2" or self.cpu_offload):
             lines.append(f"  host -> GPU per step: {size(self.h2d_bytes_per_step)}" + " per rank" * (W > 1))
         if self.strategy == "fsdp2" and W > 1:     # every use gathers the other ranks' (W-1)/W of the weights
