@@ -15,7 +15,7 @@ L = 56 blocks):
     executed work  6·N·T + 4.5·A   adds the checkpoint recompute (2·N·T + A) and FlashAttention's recompute of the
                                    scores in backward (0.5·A);                HFU = executed work / (s/step · peak)
 LoRA (~0.2% of N) and the embedders / final layer are left out. Peak = the card's measured bf16 matmul rate:
-H100 798 TFLOP/s (docs/offload.md §6), H200 730 (bench/RESULTS.md); --peak-tflops overrides.
+H100 798, H200 788 TFLOP/s (flux2.PEAK_BF16_FLOPS: 8192³ bf16 matmuls measured on those cards); --peak-tflops overrides.
 
 Runs go in this order, each skipped when the time budget would not cover it: the diffusers baseline (resident,
 batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024
@@ -45,7 +45,6 @@ import offload
 from sample import HelpFormatter, fill_random
 
 GiB = 2**30
-PEAK_TFLOPS = {"H100": 798, "H200": 730, "A100": 312}       # measured (H100, H200) or spec (A100) bf16 matmul
 HEADLINE = [(8, 1024, "auto"), (8, 1024, "stream"), (1, 1024, "resident")]
 OURS = {"resident": "checkpoint", "stream": "stream", "auto": "auto", "fsdp2": "fsdp2"}
 DIFFUSERS_LORA = (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
@@ -60,12 +59,10 @@ def tokens(side: int, txt_len: int) -> int:
 
 
 def flops(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int) -> tuple[float, float]:
-    """(model work, executed work) of one training step; see the module docstring."""
-    H, M, L = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.depth + cfg.depth_single_blocks
-    N = (4 * H * H + 3 * H * M) * L                  # qkv + proj + SwiGLU in/out per token per block
-    S = tokens(side, txt_len)
-    T, A = batch * S, 4 * batch * S * S * H * L
-    return 4 * N * T + 3 * A, 6 * N * T + 4.5 * A
+    """(model work, executed work) of one training step: flux2.train_step_flops, and 1.5x that for what the GPU
+    executes with full recompute (6·N·T + 4.5·A); see the module docstring."""
+    work = flux2.train_step_flops(cfg, batch, (side // 16) ** 2, txt_len)
+    return work, 1.5 * work
 
 
 def host_gib() -> tuple[float, float]:
@@ -435,7 +432,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    args.peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    args.peak_tflops = args.peak_tflops or next((v / 1e12 for k, v in flux2.PEAK_BF16_FLOPS.items() if k in name),
+                                                None)
     if "compile" in args.strategies or args.compile:
         torch._dynamo.config.cache_size_limit = 64     # two block classes x shapes x block 0's input
     args.out.mkdir(parents=True, exist_ok=True)

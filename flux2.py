@@ -147,6 +147,20 @@ PRESETS = {
 }
 
 
+# Dense bf16 matmul rates measured on these cards (bench/RESULTS.md; the A100 figure is its datasheet), for MFU.
+PEAK_BF16_FLOPS = {"H100": 798e12, "H200": 788e12, "A100": 312e12}
+
+
+def train_step_flops(cfg: Flux2Config, batch: int, l_img: int, l_txt: int) -> float:
+    """Model FLOPs of one LoRA training step, the MFU numerator: 4·N·T for the linears (forward and input-gradient
+    backward; the frozen base needs no weight gradients) + 3·A for attention, A = its forward (4·L²·H per block).
+    N counts the block weights a token meets (one stream's in a double block: 27.48B for dev); recompute not counted."""
+    H, M, n = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.depth + cfg.depth_single_blocks
+    N = (4 * H * H + 3 * H * M) * n                     # qkv + proj + SwiGLU in/out, per token per block
+    S = l_img + l_txt
+    return 4 * N * batch * S + 3 * 4 * batch * S * S * H * n
+
+
 def preset_name(cfg: Flux2Config) -> str:
     """The preset a config equals, or 'custom'."""
     return next((name for name, p in PRESETS.items() if p == cfg), "custom")

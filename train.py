@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
+import flux2
 import lora
 import offload
 import sample
@@ -176,26 +177,14 @@ def check_resume(saved: dict, args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # What a person watches: log lines, a loss curve, preview grids
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
-
-
-def forward_flops(cfg, l_img: int, l_txt: int) -> float:
-    """Matmul FLOPs of one DiT forward for one sample (blocks only; embedders and final layer are negligible)."""
-    H, mlp = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-    L = l_img + l_txt
-    double = 2 * L * (3 * H * H + H * H + 3 * H * mlp) + 4 * L * L * H     # per stream linears + joint attention
-    single = 2 * L * (H * (3 * H + 2 * mlp) + (H + mlp) * H) + 4 * L * L * H
-    return cfg.depth * double + cfg.depth_single_blocks * single
-
-
 def mfu(cfg, l_img: int, samples_per_s: float, device) -> float | None:
-    """Model FLOPs utilisation: forward + input-gradient backward (the base is frozen; recompute not counted)
-    over the GPU's peak, or None when the peak is unknown."""
+    """Model FLOPs utilisation (flux2.train_step_flops, the same count as bench.py) over the card's measured bf16
+    matmul rate, or None on a CPU or an unknown card."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None if peak is None else 2 * forward_flops(cfg, l_img, data.TEXT_LENGTH) * samples_per_s / peak
+    peak = next((v for k, v in flux2.PEAK_BF16_FLOPS.items() if k in name), None)
+    return None if peak is None else flux2.train_step_flops(cfg, 1, l_img, data.TEXT_LENGTH) * samples_per_s / peak
 
 
 def read_log(out: Path) -> list[dict]:
