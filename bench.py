@@ -240,6 +240,17 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def parse_runs(text: str) -> list[tuple[int, int, str]]:
+    """--runs 8x1024:auto+fuse,1x512:diffusers -> [(8, 1024, 'auto+fuse'), (1, 512, 'diffusers')], run in that order."""
+    out = []
+    for r in text.split(","):
+        config, _, strategy = r.partition(":")
+        if not strategy:
+            raise SystemExit(f"bench.py: --runs entry {r!r} should look like 8x1024:auto+fuse")
+        out.append((*parse_configs(config)[0], strategy))
+    return out
+
+
 def schedule(configs, strategies, diffusers: bool) -> list[tuple[int, int, str]]:
     """Diffusers first (so the two models never share the GPU), then ours: the headline runs, the other eager runs,
     the compiled runs (compile time is the least predictable), FSDP2 last (its own model); else as listed."""
@@ -287,7 +298,8 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
     """Every scheduled run; each records its numbers or why it has none. One model is alive at a time."""
     deadline = t_start + args.time_budget
     results, live, pin_rate = [], {}, 1.0 * GiB     # pin rate: re-measured from the first host copies
-    runs = schedule(parse_configs(args.configs), args.strategies.split(","), args.diffusers_baseline)
+    runs = parse_runs(args.runs) if args.runs else \
+        schedule(parse_configs(args.configs), args.strategies.split(","), args.diffusers_baseline)
     print(f"{len(runs)} runs: " + ", ".join(f"{b}x{s}:{k}" for b, s, k in runs), flush=True)
 
     def model_for(family: str):
@@ -300,6 +312,7 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
 
     for b, side, strategy in runs:
         kind, compile = strategy.split("+")[0], strategy.endswith("+compile") or args.compile
+        flux2.fuse(strategy.endswith("+fuse"))
         family = kind if kind in ("diffusers", "fsdp2") else "ours"
         steps, cfg = args.big_batch_steps if b >= 4 else args.steps, flux2.PRESETS[args.preset]
         work = flops(cfg, b, side, args.txt_len)[1]
@@ -407,7 +420,11 @@ def main(argv=None):
                    help="batch x side in pixels, comma-separated (default 8x1024,1x1024,1x512,2x1024; forward-only "
                         "1x1024,1x512)")
     p.add_argument("--strategies", default="auto,stream,resident,auto+compile,fsdp2",
-                   help="resident | stream | auto | fsdp2, each optionally +compile (e.g. auto+compile)")
+                   help="resident | stream | auto | fsdp2, each optionally +compile (torch.compile whole blocks; "
+                        "resident plans only) or +fuse (flux2.fuse: compiled elementwise glue, any plan)")
+    p.add_argument("--runs", default=None,
+                   help="explicit runs in this order, BxSIDE:STRATEGY comma-separated (8x1024:auto+fuse,"
+                        "1x512:diffusers); replaces --configs x --strategies")
     p.add_argument("--diffusers-baseline", action="store_true", help="also diffusers + PEFT, resident, batch <= 2")
     p.add_argument("--forward-only", action="store_true", help="issue 2: one resident forward per config, no grad")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (batch < 4)")
@@ -415,7 +432,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--time-budget", type=float, default=530, help="seconds; runs that would not fit are skipped")
     p.add_argument("--compile", action="store_true", help="torch.compile every block (all runs)")
-    p.add_argument("--gpu-memory-limit", type=float, default=None, help="GiB the planner may use (default: free)")
+    p.add_argument("--gpu-memory-limit", type=float, default=None,
+                   help="GiB the planner may use, also enforced as an allocator cap (default: free)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by card name)")
     p.add_argument("--preset", default="dev", choices=sorted(flux2.PRESETS), help="DiT size")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (paper targets)")
@@ -434,8 +452,10 @@ def main(argv=None):
         device = torch.device("cuda", torch.cuda.current_device())
     args.peak_tflops = args.peak_tflops or next((v / 1e12 for k, v in flux2.PEAK_BF16_FLOPS.items() if k in name),
                                                 None)
-    if "compile" in args.strategies or args.compile:
+    wanted = args.runs or args.strategies
+    if "compile" in wanted or "fuse" in wanted or args.compile:
         torch._dynamo.config.cache_size_limit = 64     # two block classes x shapes x block 0's input
+    offload.cap_gpu_memory(device, args.gpu_memory_limit)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": name, "torch": torch.__version__, "preset": args.preset, "rank": args.rank,
             "peak_tflops": args.peak_tflops, "command": "python bench.py " + " ".join(argv or os.sys.argv[1:]),

@@ -84,6 +84,24 @@ def iter_tensors(files: list[Path], keep=None) -> Iterator[tuple[str, torch.Tens
                     raise LoadError(f"{file}: tensor {k!r} cannot be read ({e}); the file may be truncated") from None
 
 
+def _checked(named_tensors: Iterable[tuple[str, Tensor]], shapes: dict[str, tuple], *, source, what: str,
+             optional=(), once: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """The (name, tensor) pairs, each checked to be a name of `shapes` (at most once, if `once`) with that shape;
+    at the end, every name but the `optional` ones must have come. LoadError naming the file otherwise."""
+    done = set()
+    for name, t in named_tensors:
+        if name not in shapes or (once and name in done):
+            raise LoadError(f"{source}: unexpected key {name!r} for {what}; is this the right file?")
+        if tuple(shapes[name]) != tuple(t.shape):
+            raise LoadError(f"{source}: {name} has shape {tuple(t.shape)}, {what} expects {tuple(shapes[name])}")
+        done.add(name)
+        yield name, t
+    missing = [n for n in shapes if n not in done and n not in optional]
+    if missing:
+        raise LoadError(f"{source}: {len(missing)} keys of {what} missing, e.g. {missing[:4]}; "
+                        f"is the file complete and for this model?")
+
+
 def assign_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, device, dtype,
                    source, what: str = "model") -> nn.Module:
     """Assign (name, tensor) pairs into a meta-device `model`, checking every name and shape."""
@@ -92,29 +110,46 @@ def assign_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Te
         for attr, p in list(mod._parameters.items()) + list(mod._buffers.items()):
             if p is not None:
                 slots[f"{mod_name}.{attr}" if mod_name else attr] = (mod, attr, attr in mod._parameters)
-    done = set()
-    for name, t in named_tensors:
-        if name not in slots:
-            raise LoadError(f"{source}: unexpected key {name!r} for {what}; is this the right file?")
+    shapes = {name: getattr(mod, attr).shape for name, (mod, attr, _) in slots.items()}
+    # BatchNorm's step counter is optional in files; give it a real value rather than leaving it on meta.
+    optional = [name for name, (_, attr, _) in slots.items() if attr == "num_batches_tracked"]
+    for mod, attr, _ in map(slots.get, optional):
+        mod._buffers[attr] = torch.zeros((), dtype=torch.long, device=device)
+    for name, t in _checked(named_tensors, shapes, source=source, what=what, optional=optional):
         mod, attr, is_param = slots[name]
-        old = getattr(mod, attr)
-        if tuple(old.shape) != tuple(t.shape):
-            raise LoadError(f"{source}: {name} has shape {tuple(t.shape)}, {what} expects {tuple(old.shape)}")
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if is_param:
             mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
         else:
             mod._buffers[attr] = t
-        done.add(name)
-    # BatchNorm's step counter is optional in files; give it a real value rather than leaving it on meta.
-    for name, (mod, attr, _) in slots.items():
-        if name not in done and attr == "num_batches_tracked":
-            mod._buffers[attr] = torch.zeros((), dtype=torch.long, device=device)
-            done.add(name)
-    missing = [n for n in slots if n not in done]
-    if missing:
-        raise LoadError(f"{source}: {len(missing)} keys of {what} missing, e.g. {missing[:4]}; "
-                        f"is the file complete and for this model?")
+    return model
+
+
+def _local_rows(p: Tensor) -> slice:
+    """The rows of a DTensor parameter this rank holds, as FSDP2 shards dim 0: torch.chunk's split, ceil(n / world)
+    rows each, so the last ranks' shards are short or empty (FSDP2 pads them past what to_local() shows)."""
+    from torch.distributed.tensor import Shard
+    if len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ValueError(f"loading into a DTensor sharded as {p.placements}; only FSDP2's Shard(0) is supported")
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    start = min(rank * -(-n // world), n)
+    return slice(start, start + p.to_local().shape[0])
+
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, source,
+                 what: str = "model") -> nn.Module:
+    """Copy (name, tensor) pairs into a model whose storage is already placed (built on meta, then allocated, e.g.
+    FSDP2-sharded by offload.prepare), each exactly once, cast to its slot's dtype, checking names and shapes. A
+    sharded parameter (DTensor) takes only this rank's rows. Trainable parameters (adapters) are not in files."""
+    from torch.distributed.tensor import DTensor
+    slots = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.requires_grad}
+    shapes = {n: t.shape for n, t in slots.items()}
+    for name, t in _checked(named_tensors, shapes, source=source, what=what, once=True):
+        dst = slots[name]
+        if isinstance(dst, DTensor):
+            dst, t = dst.to_local(), t[_local_rows(dst)]      # [rows of this rank, ...]
+        dst.copy_(t)
     return model
 
 
@@ -168,6 +203,35 @@ def preset_name(cfg: Flux2Config) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # The math, as small functions (reference §2.2, §2.4, §2.7)
+#
+# The elementwise glue between the big matmuls (norms, modulation, RoPE in fp32, SwiGLU) is marked @fusable: eager
+# PyTorch runs each of its ops as one pass over memory (RoPE alone is ~6 fp32 passes over q and k), and at FLUX.2
+# sizes those passes cost a quarter of a step. `fuse()` swaps in torch.compile'd versions, one kernel per function.
+# Compiling these pure functions of activations, rather than whole blocks, leaves the weights outside the compiled
+# code, so it works wherever offload.py puts them (resident, streamed through the ring, FSDP2 shards).
+
+_FUSABLE, _FUSED, _COMPILED = [], {}, {}
+
+
+def fusable(fn):
+    """Mark elementwise glue that fuse() may compile; until then (and always on CPU by default) it runs eagerly."""
+    def call(*args):
+        if torch.compiler.is_compiling():    # called from another fused function: part of its graph
+            return fn(*args)
+        return _FUSED.get(fn, fn)(*args)
+    call.__name__, call.__doc__, call.__wrapped__ = fn.__name__, fn.__doc__, fn
+    _FUSABLE.append(fn)
+    return call
+
+
+def fuse(on: bool = True):
+    """Run every @fusable function through torch.compile (one fused kernel each, forward and backward) or not."""
+    _FUSED.clear()
+    for fn in _FUSABLE if on else []:
+        if fn not in _COMPILED:           # compiled once per process: switching back on reuses the kernels
+            _COMPILED[fn] = torch.compile(fn)
+        _FUSED[fn] = _COMPILED[fn]
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """Norms and RoPE run in fp32 for bf16/fp16 inputs (as the reference) and in float64 for float64 inputs."""
@@ -195,6 +259,7 @@ def rope(ids: Tensor, axes_dim: tuple, theta: int) -> Tensor:
     return rot.view(*a.shape, 2, 2)[:, None].float()
 
 
+@fusable
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (2p, 2p+1) of x [B, heads, L, D] by pe [B, 1, L, D/2, 2, 2]."""
     xp = x.to(_compute_dtype(x)).reshape(*x.shape[:-1], -1, 1, 2)     # [B, heads, L, D/2, 1, 2]
@@ -202,9 +267,8 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return out.reshape(x.shape).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Joint attention with RoPE, no mask: q, k, v [B, heads, L, D] -> [B, L, heads*D]."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Joint attention, no mask, q and k already rotated (norm_rope): q, k, v [B, heads, L, D] -> [B, L, heads*D]."""
     x = F.scaled_dot_product_attention(q, k, v)
     return x.transpose(1, 2).flatten(2)
 
@@ -215,9 +279,39 @@ def layer_norm(x: Tensor) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6).to(x.dtype)
 
 
+@fusable
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """(1 + scale) * LN(x) + shift."""
     return torch.addcmul(shift, 1 + scale, layer_norm(x))
+
+
+@fusable
+def rms_norm(x: Tensor, scale: Tensor) -> Tensor:
+    """x / rms(x) * scale over the last dim, computed in at least fp32, returned in x's dtype (q/k norms)."""
+    xf = x.to(_compute_dtype(x))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return xf.to(x.dtype) * scale.to(x.dtype)
+
+
+@fusable
+def swiglu(x: Tensor) -> Tensor:
+    """silu(first half) * second half: [..., 2M] -> [..., M]."""
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+@fusable
+def norm_rope(parts: tuple[Tensor, ...], scales: tuple[Tensor, ...], pe: Tensor) -> Tensor:
+    """The q (or k) side of attention: RMS-norm each stream's heads [B, heads, L_i, D] with its own scale, join the
+    streams along L (text first), rotate by RoPE: -> [B, heads, sum L_i, D]. One kernel once fused."""
+    x = [rms_norm(p, s) for p, s in zip(parts, scales)]
+    return apply_rope(torch.cat(x, dim=2) if len(x) > 1 else x[0], pe)
+
+
+@fusable
+def attn_and_swiglu(a: Tensor, mlp: Tensor) -> Tensor:
+    """A single block's input to linear2: [attention out | SwiGLU(mlp)], [B, L, H] + [B, L, 2M] -> [B, L, H + M]."""
+    return torch.cat([a, swiglu(mlp)], dim=-1)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,19 +343,16 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.to(_compute_dtype(x))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return xf.to(x.dtype) * self.scale.to(x.dtype)
+        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
+    """The per-head q and k norm scales; applied by norm_rope, together with RoPE."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -275,18 +366,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, H] -> normalised q, k and v [B, heads, L, D]."""
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        """x [B, L, H] -> q, k, v [B, heads, L, D] (q and k not yet normalised: norm_rope does that)."""
+        return split_heads(self.qkv(x), self.num_heads)
 
 
 class SiLUActivation(nn.Module):
     """SwiGLU: silu of the first half times the second half."""
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = x.chunk(2, dim=-1)
-        return F.silu(a) * b
+        return swiglu(x)
 
 
 class Modulation(nn.Module):
@@ -321,12 +409,15 @@ class DoubleStreamBlock(nn.Module):
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        a = attention(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2), pe)
-        txt_a, img_a = a[:, :txt.shape[1]], a[:, txt.shape[1]:]     # text first
-        img = img + img_gate1 * self.img_attn.proj(img_a)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_a)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        tn, im = self.txt_attn.norm, self.img_attn.norm                                 # text first
+        q = norm_rope((txt_q, img_q), (tn.query_norm.scale, im.query_norm.scale), pe)   # [B, heads, L, D]
+        k = norm_rope((txt_k, img_k), (tn.key_norm.scale, im.key_norm.scale), pe)
+        a = attention(q, k, torch.cat([txt_v, img_v], 2))                              # [B, L, H]
+        txt_a, img_a = a[:, :txt.shape[1]], a[:, txt.shape[1]:]
+        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_a))                 # img + gate * proj(...)
+        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_a))
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
         return img, txt
 
 
@@ -340,16 +431,16 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(dim, 3 * dim + 2 * self.mlp_hidden, bias=False)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim, bias=False)
         self.norm = QKNorm(dim // num_heads)
-        self.mlp_act = SiLUActivation()
 
     def forward(self, x: Tensor, pe: Tensor, mod) -> Tensor:
         """x [B, L_txt + L_img, H] -> same shape."""
         (shift, scale, gate), = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        a = attention(q, k, v, pe)                                    # [B, L, H]
-        return x + gate * self.linear2(torch.cat([a, self.mlp_act(mlp)], dim=-1))
+        q, k, v = split_heads(qkv, self.num_heads)                    # [B, heads, L, D]
+        q = norm_rope((q,), (self.norm.query_norm.scale,), pe)
+        k = norm_rope((k,), (self.norm.key_norm.scale,), pe)
+        a = attention(q, k, v)                                        # [B, L, H]
+        return torch.addcmul(x, gate, self.linear2(attn_and_swiglu(a, mlp)))   # x + gate * linear2(...)
 
 
 class LastLayer(nn.Module):
@@ -524,23 +615,46 @@ def dit_config(path) -> Flux2Config:
         raise LoadError(f"{path}: {e}") from None
 
 
+def _dit_tensors(path: Path) -> tuple[Flux2Config, Iterator[tuple[str, Tensor]]]:
+    """The DiT config of a BFL file or diffusers folder, and its tensors under BFL names (read lazily, one at a time)."""
+    files, cfg = safetensors_files(path), dit_config(path)
+    diffusers = path.is_dir() and (path / "config.json").is_file()
+    return cfg, _dit_from_diffusers(files) if diffusers else _strip_prefix(files)
+
+
 def load_flux2(path, device="cpu", dtype=torch.bfloat16, expect: str | None = None) -> Flux2:
     """Load a BFL single file (`flux2-dev.safetensors`, optionally `model.diffusion_model.`-prefixed) or a
-    diffusers `transformer/` folder, streaming tensors into a meta-built model. `expect` names a preset."""
+    diffusers `transformer/` folder, streaming tensors into a meta-built model. `expect` names a preset.
+    device="meta" reads no values: the model to place (e.g. shard) first and fill with load_flux2_into."""
     path = Path(path)
-    files, cfg = safetensors_files(path), dit_config(path)
-    tensors = _dit_from_diffusers(files) if path.is_dir() and (path / "config.json").is_file() else _strip_prefix(files)
+    cfg, tensors = _dit_tensors(path)
     looks_like = preset_name(cfg)
     if expect is not None and looks_like != expect:
         raise LoadError(f"{path}: this looks like {looks_like} ({cfg.depth}+{cfg.depth_single_blocks} blocks, "
                         f"hidden {cfg.hidden_size}), not {expect}; pass the {expect} checkpoint")
     with torch.device("meta"):
         model = Flux2(cfg)
+    if torch.device(device).type == "meta":
+        return model.to(dtype).eval().requires_grad_(False)
     try:
         assign_weights(model, tensors, device=device, dtype=dtype, source=path, what=f"FLUX.2 {looks_like}")
     except LoadError as e:
         raise LoadError(f"{e} (the file looks like {looks_like})") from None
     return model.eval().requires_grad_(False)
+
+
+def load_flux2_into(model: nn.Module, path) -> nn.Module:
+    """Fill a DiT that load_flux2(device="meta") built and offload.prepare placed since (FSDP2: each rank copies
+    only its shard's rows) with the values of the file or folder `path`, in the model's dtype. Tensors are read
+    one at a time from the memory-mapped files, so host memory holds the shards plus one full tensor."""
+    path = Path(path)
+    cfg, tensors = _dit_tensors(path)
+    looks_like = preset_name(cfg)
+    try:
+        copy_weights(model, tensors, source=path, what=f"FLUX.2 {looks_like}")
+    except LoadError as e:
+        raise LoadError(f"{e} (the file looks like {looks_like})") from None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,10 +43,19 @@ class LoRALinear(nn.Linear):
         rows = self.out_slice[1] - self.out_slice[0]
         # fp32 whatever the base dtype: bf16 would round away small updates to A and B
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, **kw) / rank)   # std 1/r (paper)
-        self.lora_B = nn.Parameter(torch.zeros(rows, rank, **kw))                       # zero: starts as W0
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))     # [r, in]
+        self.lora_B = nn.Parameter(torch.empty(rows, rank, **kw))                 # [rows, r]
+        self.init_adapter()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
+
+    @torch.no_grad()
+    def init_adapter(self, device=None):
+        """The start values: A ~ N(0, 1/r²) (std 1/r, the paper's), drawn on `device` (default: where A is), and
+        B = 0, so the layer starts as W0. Nothing is drawn on meta."""
+        self.lora_A.copy_(torch.randn(self.lora_A.shape, device=device or self.lora_A.device,
+                                      dtype=torch.float32) / self.rank)
+        self.lora_B.zero_()
 
     @property
     def scale(self) -> float:
@@ -57,11 +66,12 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scale         # [..., r]: scale the small one
-        d = F.linear(h, self.lora_B.to(x.dtype))                                    # [..., rows]
+        # y + h Bᵀ as one matmul with beta = 1 (cuBLAS adds y in its epilogue, one rounding): never writes h Bᵀ
+        y2, h2, Bt = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]).to(y.dtype), self.lora_B.to(y.dtype).t()
         s0, s1 = self.out_slice
         if (s0, s1) == (0, self.out_features):
-            return y + d
-        y[..., s0:s1] += d      # in place is safe: a linear's backward never needs its own output
+            return torch.addmm(y2, h2, Bt).view(y.shape)
+        y2[:, s0:s1].addmm_(h2, Bt)     # in place is safe: a linear's backward never needs its own output
         return y
 
     @torch.no_grad()
@@ -152,6 +162,13 @@ def inject(model: nn.Module, targets: str = "paper", rank: int = 16, alpha: floa
         print(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
               f"{sum(p.numel() for p in params):,} trainable parameters")
     return params
+
+
+def init_adapters(model: nn.Module):
+    """Draw every adapter's start values again, on the CPU and in inject's order: for a model injected on meta, whose
+    adapters offload.prepare allocated without values. Seeded as before inject, it gives what a CPU model got."""
+    for m in adapters(model).values():
+        m.init_adapter("cpu")
 
 
 def merge(model: nn.Module):

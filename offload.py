@@ -72,6 +72,7 @@ class Plan:
     tokens_per_sample: int | None = None
     world_size: int = 1          # fsdp2: ranks the blocks are sharded over
     cpu_offload: bool = True     # fsdp2: the shards live in host memory (else on the GPUs)
+    compiled: bool = False       # prepare() compiled whole blocks (only when every block is resident)
 
     @property
     def slot_bytes(self) -> int:
@@ -163,8 +164,8 @@ def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_
     Estimated peak = root + resident blocks + ring (R x largest streamed block) + trainable x 4 (AdamW: parameter,
     gradient, two moments) + B x (n_blocks x act + work) [+ B x (keep - act) per block left un-checkpointed].
     `auto` keeps every block resident when that fits budget - margin (margin = min(3 GiB, 5% of the budget)), and
-    then spends what is left on skipping checkpointing for the last blocks; otherwise it streams the fewest blocks
-    that make it fit. Without autograd (train=False) nothing is saved and the optimizer holds no state.
+    then spends what is left on skipping checkpointing for the last blocks (so does fsdp2); otherwise it streams the
+    fewest blocks that make it fit. Without autograd (train=False) nothing is saved and the optimizer holds no state.
     fsdp2 gathers every block per use (two blocks at a time: the current one and the prefetched one); its shards
     (blocks + root over world_size ranks) stay on the GPU when they fit as well, else in host memory. At world
     size 1 that means sharding nothing, so there it always offloads: what asking for fsdp2 on one GPU is for."""
@@ -201,8 +202,10 @@ def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_
         peak += 0 if cpu_offload else shards
     # what one block costs per batch when it keeps all its activations instead of only its input
     extra = B * (keep_bytes_per_block_sample - act_bytes_per_block_sample) if keep_bytes_per_block_sample else 0
-    if strategy == "auto" and train and not streamed and not fits and extra > 0:
-        plain = min(n, (budget_bytes - margin - peak) // extra)   # spare memory buys back the recompute
+    # FSDP2 re-gathers a block for its backward either way, so its blocks may skip checkpointing too; our own ring
+    # needs the checkpoint (the backward reads the weights the recompute bound)
+    if (strategy == "fsdp2" or strategy == "auto" and not streamed) and train and not fits and extra > 0:
+        plain = max(0, min(n, (budget_bytes - margin - peak) // extra))   # spare memory buys back the recompute
         checkpointed, peak = everything[:n - plain], peak + plain * extra
     if strategy == "none" and train:
         peak += n * extra
@@ -563,6 +566,16 @@ def _width_and_itemsize(blocks: list[nn.Module]) -> tuple[int, int]:
     return min(m.in_features for m in lin), lin[0].weight.element_size()
 
 
+def cap_gpu_memory(device, gib: float | None):
+    """Make the caching allocator refuse more than `gib` GiB on this GPU (OutOfMemoryError past it), so a plan made
+    with --gpu-memory-limit for a smaller card is held to it on a bigger one. The CUDA context and library
+    workspaces (~0.5-1 GiB) are outside the allocator: a real card of that size needs that much more."""
+    device = _device(device)
+    if gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total), device)
+
+
 def _budget(model: nn.Module, device: torch.device) -> int:
     """GPU bytes this model may use: free memory plus what the model already holds there; with several ranks the
     smallest rank's, so that every rank takes the same decisions."""
@@ -623,12 +636,10 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     p = plan_for(model, blocks, strategy=strategy, device=device, batch_size=batch_size,
                  tokens_per_sample=tokens_per_sample, train=train, gpu_memory_limit=gpu_memory_limit,
                  ring_size=ring_size)
-    if compile and (p.streamed or strategy == "fsdp2"):
-        # Measured on the H100 (torch 2.11): compiled blocks next to streamed ones gave NaN gradients, and compiled
-        # streamed blocks an illegal memory access in the checkpoint recompute. Compile only fully resident plans.
-        if rank_world()[0] == 0:
-            print("offload: torch.compile is off for this plan (it streams weights); blocks run eager", flush=True)
-        compile = False
+    # Whole blocks are compiled only when every block is resident. Measured on the H100 (torch 2.11): compiled blocks
+    # next to streamed ones gave NaN gradients, and compiled streamed blocks an illegal memory access in the
+    # checkpoint recompute. For plans that move weights the callers compile the glue instead (flux2.fuse).
+    p.compiled = compile = compile and not p.streamed and strategy != "fsdp2"
     if strategy == "fsdp2":
         _apply_fsdp2(model, blocks, p, device, compile)
     else:

@@ -150,6 +150,11 @@ class Models:
     tokenizer: Tokenizer | None = None
 
 
+# --model NAME for full-size runs without weights (speed and memory checks): the DiT preset and its text encoder
+RANDOM_MODELS = {"dev-random": ("dev", "mistral-small-3.2"), "klein-4b-random": ("klein-4b", "qwen3-4b"),
+                 "klein-9b-random": ("klein-9b", "qwen3-8b")}
+
+
 def snapshot_paths(model_dir) -> dict[str, Path]:
     """The parts of a FLUX.2 snapshot under the names used here; LoadError naming the first missing part."""
     p = flux2.find_snapshot(Path(model_dir).expanduser())
@@ -166,8 +171,9 @@ def _tiny(build, seed: int):
 def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torch.dtype = torch.bfloat16,
                 parts=("text", "dit", "ae"), dit_device=None, text_layers=None, seed: int = 0) -> Models:
     """Load `parts` of a FLUX.2 dev or klein snapshot, or build the tiny stack (random weights from `seed`; the
-    trainer's --model tiny gets the same weights). dit_device="cpu" leaves the DiT for offload.prepare to place.
-    text_layers None: the encoder family's FLUX.2 layers (dev: Mistral 10/20/30, klein: Qwen3 9/18/27)."""
+    trainer's --model tiny gets the same weights). dit_device="cpu" (or "meta": no values read, a snapshot's only)
+    leaves the DiT for offload.prepare to place. text_layers None: the encoder family's FLUX.2 layers (dev: Mistral
+    10/20/30, klein: Qwen3 9/18/27)."""
     device = torch.device(device)
     ae_dtype = torch.promote_types(dtype, torch.float32)         # ae.safetensors is float32 and small
     m = Models(device=device, dtype=dtype)
@@ -222,7 +228,7 @@ def free_text_encoder(models: Models) -> None:
 def fill_random(model: torch.nn.Module, device: torch.device):
     """Weights ~ N(0, 0.02), norm scales 1, LoRA as lora.py starts it (A ~ N(0, 1/r²), B = 0), generated on the
     device and copied to wherever the plan put each tensor (host copies and FSDP2 shards included); BatchNorm stats
-    mean 0, variance 1. For full-size speed and memory runs without downloaded weights (`--model dev-random`)."""
+    mean 0, variance 1. For full-size speed and memory runs without downloaded weights (RANDOM_MODELS)."""
     from torch.distributed.tensor import DTensor
     g = torch.Generator(device).manual_seed(0)
     for name, p in model.named_parameters():
@@ -244,7 +250,8 @@ class ModelSource:
 
     def __init__(self, model: str | None, model_dir, device, dtype: torch.dtype | None = None):
         self.tiny, self.model_dir, self.device = model == "tiny", model_dir, torch.device(device)
-        self.random = model == "dev-random"       # full-size shapes, random weights: speed and memory runs only
+        self.random = RANDOM_MODELS.get(model)    # full-size shapes, random weights: speed and memory runs only
+        self.name = model
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.paths = None if self.tiny or self.random else snapshot_paths(model_dir)   # a missing part fails first
         self._ae = None
@@ -255,10 +262,11 @@ class ModelSource:
         return load_models(self.model_dir, tiny=self.tiny, device=self.device, dtype=self.dtype, parts=(part,), **kw)
 
     def _random(self, part: str) -> Models:
-        """One part at FLUX.2 [dev] size with random weights; the DiT stays on meta for offload.prepare to place."""
+        """One part at full size with random weights; the DiT stays on meta for offload.prepare to place."""
+        dit, text = self.random
         build, dtype = {"ae": (lambda: AutoEncoder(AE_PRESETS["flux2"]), torch.float32),
-                        "text": (lambda: MistralEncoder(TEXT_PRESETS["mistral-small-3.2"]), self.dtype),
-                        "dit": (lambda: Flux2(PRESETS["dev"]), self.dtype)}[part]
+                        "text": (lambda: MistralEncoder(TEXT_PRESETS[text]), self.dtype),
+                        "dit": (lambda: Flux2(PRESETS[dit]), self.dtype)}[part]
         with torch.device("meta"):
             module = build().to(dtype).requires_grad_(False).eval()
         if part != "dit":
@@ -272,14 +280,14 @@ class ModelSource:
     def ae_id(self) -> str:
         """Names the autoencoder weights (part of the latent cache key)."""
         if self.tiny or self.random:
-            return f"{'tiny' if self.tiny else 'dev-random'}-ae-seed0"
+            return f"{self.name}-ae-seed0"
         return str(self.paths["ae"].resolve())
 
     @property
     def text_id(self) -> str:
         """Names the text encoder and tokenizer (part of the text cache key)."""
         if self.tiny or self.random:
-            return f"{'tiny' if self.tiny else 'dev-random'}-text-seed0"
+            return f"{self.name}-text-seed0"
         return f"{self.paths['text'].resolve()}|{self.paths['tokenizer'].resolve()}"
 
     def load_ae(self) -> AutoEncoder:
@@ -292,9 +300,15 @@ class ModelSource:
         models = self._load("text")
         return lambda prompts: encode_text(models, prompts)
 
-    def load_dit(self) -> Flux2:
-        """The DiT on the CPU in the model dtype (on meta for dev-random), for offload.prepare to place."""
-        return self._load("dit", dit_device="cpu").dit
+    def load_dit(self, sharded: bool = False) -> Flux2:
+        """The DiT on the CPU in the model dtype, for offload.prepare to place; on meta for the random models, and for
+        a snapshot when `sharded` (fsdp2: no rank holds the whole DiT; fill_dit loads each rank's shard)."""
+        return self._load("dit", dit_device="meta" if sharded and not self.tiny else "cpu").dit
+
+    def fill_dit(self, dit: Flux2) -> None:
+        """Read the snapshot's DiT values into a DiT that load_dit(sharded=True) built and offload.prepare placed:
+        each rank copies only its own rows, one tensor at a time (flux2.load_flux2_into)."""
+        flux2.load_flux2_into(dit, self.paths["dit"])
 
     def for_preview(self, dit: Flux2) -> Models:
         """Models for `generate` with precomputed `txt` features: this DiT and the autoencoder."""
@@ -466,9 +480,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", choices=["tiny"], help="the tiny random-weight demo model (CPU-friendly)")
     p.add_argument("--offload", default="auto", choices=offload.STRATEGIES,
                    help="how the DiT's blocks are placed on the GPU (offload.py); auto: resident if they fit")
-    p.add_argument("--gpu-memory-limit", type=float, help="GiB the planner may use on the GPU (default: what is free)")
+    p.add_argument("--gpu-memory-limit", type=float,
+                   help="GiB this run may use on the GPU: the planner's budget and a hard allocator cap, to rehearse a "
+                        "smaller card (default: what is free)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the blocks when they are all resident (default: on with CUDA; ~30 s warm-up)")
+                   help="torch.compile whole blocks when all are resident, else the glue between the matmuls "
+                        "(flux2.fuse) (default: on with CUDA; ~30 s warm-up)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     return p
 
@@ -512,6 +529,7 @@ def run(args) -> list[Path]:
     refs = [_open_image(r) for r in s["refs"]]
     ref_tokens = sum(t.shape[1] * t.shape[2] // 256 for t in prepare_refs(refs, s["refs"]))
 
+    offload.cap_gpu_memory(device, args.gpu_memory_limit)
     # 1. every prompt through the text encoder, which is then freed: it and the DiT do not fit on one GPU together
     models = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("text",))
     txt = encode_text(models, s["prompts"])
@@ -524,9 +542,11 @@ def run(args) -> list[Path]:
     if s.get("lora"):
         lora.load(models.dit, s["lora"], scale=s["lora_scale"])
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
-    offload.prepare(models.dit, models.dit.blocks, strategy=args.offload, device=device, batch_size=1,
-                    tokens_per_sample=tokens, train=False, gpu_memory_limit=args.gpu_memory_limit,
-                    compile=device.type == "cuda" if args.compile is None else args.compile)   # prints the plan
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    plan = offload.prepare(models.dit, models.dit.blocks, strategy=args.offload, device=device, batch_size=1,
+                           tokens_per_sample=tokens, train=False, gpu_memory_limit=args.gpu_memory_limit,
+                           compile=compile)                                    # prints the plan
+    flux2.fuse(compile and not plan.compiled)      # weights streamed: compile the glue between the matmuls instead
 
     # 3. sample and decode, one image at a time
     outs = [args.out] if len(s["prompts"]) == 1 else \

@@ -255,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
-    a("--model", choices=["dev", "tiny", "dev-random"], default="dev",
-      help="dev (needs --model-dir: a dev or klein snapshot), tiny (random, CPU demo) or dev-random (full size, "
-           "random: speed/memory runs)")
+    a("--model", choices=["dev", "tiny", *sample.RANDOM_MODELS], default="dev",
+      help="dev (needs --model-dir: a dev or klein snapshot), tiny (random, CPU demo), or a full-size model with "
+           "random weights for speed/memory runs: " + ", ".join(sample.RANDOM_MODELS))
     a("--model-dir", help="a FLUX.2-dev or FLUX.2-klein(-base) snapshot folder (DiT file or transformer/, ae, "
                           "text_encoder, tokenizer); for klein train on the base model")
     a("--out", default="out", help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
@@ -280,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--guidance", type=float, default=4.0, help="guidance value fed to the guidance embedder while training")
     a("--offload", choices=offload.STRATEGIES, default="auto",
       help="block placement (offload.py): auto = resident if everything fits, else stream the fewest blocks")
-    a("--gpu-memory-limit", type=float, help="GiB the planner may use on the GPU (default: what is free)")
+    a("--gpu-memory-limit", type=float,
+      help="GiB this run may use on the GPU: the planner's budget and a hard allocator cap, to rehearse a "
+           "smaller card (default: what is free)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile the blocks when the plan keeps them all resident (default: on with CUDA)")
+      help="torch.compile whole blocks when the plan keeps them all resident, else the elementwise glue between "
+           "the matmuls (flux2.fuse) (default: on with CUDA)")
     a("--device", help="cuda or cpu (default: cuda when available)")
     a("--seed", type=int, default=0, help="data order, noise, timesteps, LoRA init; preview seeds are seed + i")
     a("--save-every", type=int, default=250, help="checkpoint every N steps (0: only at the end)")
@@ -354,6 +357,7 @@ def train(args) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         offload.init_process_group(device)
+    offload.cap_gpu_memory(device, args.gpu_memory_limit)        # text encoder and VAE included, not only the plan
     try:
         return _train(args, device)
     finally:
@@ -405,17 +409,25 @@ def _train(args, device: torch.device) -> dict:
                          repeats=args.repeats, seed=args.seed, rank=rank, world=world)
 
     # 2. The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when there are several).
+    strategy = "fsdp2" if world > 1 and args.offload == "auto" else args.offload
     torch.manual_seed(args.seed)                                # LoRA A init (the same on every rank); or resumed
-    model = source.load_dit()
+    model = source.load_dit(sharded=strategy == "fsdp2")        # fsdp2: on meta, each rank loads only its shard
+    on_meta = next(model.parameters()).is_meta
     params = lora.inject(model, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
     l_img = (args.resolution // 16) ** 2
-    strategy = "fsdp2" if world > 1 and args.offload == "auto" else args.offload
+    compile = device.type == "cuda" if args.compile is None else args.compile
     plan = offload.prepare(model, model.blocks, strategy=strategy, device=device, batch_size=args.batch_size // world,
                            tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
                            gpu_memory_limit=args.gpu_memory_limit,
-                           compile=device.type == "cuda" if args.compile is None else args.compile)
+                           compile=compile)
+    if compile and not plan.compiled:       # weights move (streamed or sharded): compile the glue, not the blocks
+        flux2.fuse(True)
     if source.random:
         sample.fill_random(model, device)                        # values for the storage the plan allocated
+    elif on_meta:
+        source.fill_dit(model)                                  # each rank reads its own shard from the snapshot
+        torch.manual_seed(args.seed)                            # and redraws the adapters inject made on meta,
+        lora.init_adapters(model)                               # as it drew them on a CPU-loaded DiT
     if world > 1:                                               # replicas start equal, however they were filled
         for p in params:
             dist.broadcast(p.data, src=0)

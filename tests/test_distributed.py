@@ -1,6 +1,7 @@
 """train.py under torchrun, on the CPU (gloo) with the tiny model: two ranks train what one process trains with the
 same global batch, a checkpoint resumes on another number of ranks, each global batch and the caching are split
 over the ranks, and the planner shards FLUX.2 [dev] over several GPUs (docs/offload.md §1-2, §7)."""
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
 import flux2
@@ -148,6 +149,85 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_cpu_offload(one, tmp_path
     assert_same_log(train.read_log(tmp_path / "out"), train.read_log(one / "out"))
 
 
+def tiny_snapshot(root: Path, cache: Path) -> Path:
+    """A dev-layout snapshot whose DiT file holds the tiny model's weights (BFL names, float32), with the toy data
+    cached under its ids by the tiny autoencoder and text encoder, which it therefore never loads (those parts are
+    placeholders; text_encoder/config.json only has to pass check_pair: 3 x 64-wide Mistral features)."""
+    (root / "text_encoder").mkdir(parents=True)
+    (root / "text_encoder" / "config.json").write_text(json.dumps(
+        {"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 31, "num_attention_heads": 4}))
+    (root / "ae.safetensors").touch()
+    (root / "tokenizer.json").touch()
+    dit = sample.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, root / "flux2-dev.safetensors")
+    tiny, snap = sample.ModelSource("tiny", None, "cpu"), sample.ModelSource("dev", root, "cpu")
+    items = data.cache_latents(TOY, cache_dir=cache, ae_id=snap.ae_id, load_ae=tiny.load_ae, resolution=64,
+                               buckets=True)
+    data.cache_texts([it.caption for it in items], cache_dir=cache, text_id=snap.text_id,
+                     load_encoder=tiny.load_text_encoder)
+    return root
+
+
+def test_two_ranks_load_their_shards_of_a_snapshot_and_train_what_one_process_trains(one, tmp_path):
+    """From a snapshot, fsdp2 builds the DiT on meta and each rank reads only its shard from the file
+    (sample.ModelSource.fill_dit); the adapters are redrawn as on a CPU-loaded DiT. The run equals --model tiny's."""
+    snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")
+    output = torchrun("--model", "dev", "--model-dir", snap, "--out", tmp_path / "out", "--cache-dir",
+                      tmp_path / "cache", "--steps", K, "--sample-every", "0")
+    assert "FSDP2 over 2 ranks" in output
+    assert_same_state(checkpoint(tmp_path / "out", K), checkpoint(one / "out", K))
+    assert_same_log(train.read_log(tmp_path / "out"), train.read_log(one / "out")[:K])
+
+
+def _load_shards(rank: int, port: int, cases: list):
+    """One of two ranks for test_sharded_load_equals_load_flux2: for each (path, gpu_memory_limit), the DiT built on
+    meta, given LoRA, sharded by offload.prepare and filled by load_flux2_into gathers to load_flux2's tensors."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        models = []
+        for path, limit in cases:
+            want = flux2.load_flux2(path).state_dict()                        # bf16, the whole DiT on this rank
+            model = flux2.load_flux2(path, device="meta")
+            lora.inject(model, "all", rank=2)
+            plan = offload.prepare(model, model.blocks, strategy="fsdp2", device="cpu", batch_size=1,
+                                   tokens_per_sample=8, gpu_memory_limit=limit)
+            assert plan.cpu_offload is (limit is not None)
+            flux2.load_flux2_into(model, path)
+            models.append(model)
+            frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+            assert frozen.keys() == want.keys()
+            for name, p in frozen.items():
+                assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), want[name]), name
+            short = [n for n, p in frozen.items() if p.to_local().shape[0] < -(-p.shape[0] // 2)]
+            assert bool(short) == (rank == 1)                                 # rows that do not split evenly
+        bad = cases[0][0].with_name("missing.safetensors")
+        with pytest.raises(flux2.LoadError, match=r"missing.safetensors: 1 keys of FLUX.2 .* missing, e\.g\. "
+                                                   r"\['single_blocks\.1\.linear2\.weight'\]"):
+            flux2.load_flux2_into(models[0], bad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_load_equals_load_flux2(tmp_path):
+    """Each rank copies its rows (torch.chunk's split, as FSDP2 shards: the last shard short or, for one row, empty)
+    from BFL and diffusers files; gathered, they are load_flux2's tensors bit for bit. A missing key: LoadError."""
+    from test_dit import CONFIGS, random_reference, to_bfl
+    cases = []
+    for layout, channels in (("bfl", 1), ("diffusers", 7)):       # final_layer.linear [channels, H]: 1 row, 7 rows
+        ref = random_reference({**CONFIGS["klein-like"], "in_channels": channels})
+        if layout == "diffusers":
+            ref.save_pretrained(tmp_path / "transformer")
+            cases.append((tmp_path / "transformer", 1e-4))           # a 0.1 MiB "GPU": shards in host memory
+        else:
+            sd = {"model.diffusion_model." + k: v.contiguous() for k, v in to_bfl(ref.state_dict()).items()}
+            save_file(sd, tmp_path / "flux2.safetensors")
+            cases.append((tmp_path / "flux2.safetensors", None))
+            save_file({k: v for k, v in sd.items() if not k.endswith("single_blocks.1.linear2.weight")},
+                      tmp_path / "missing.safetensors")
+    torch.multiprocessing.spawn(_load_shards, args=(offload._free_port(), cases), nprocs=2)
+
+
 def test_replicas_when_asked_for(one, tmp_path):
     """--offload checkpoint under torchrun: no sharding, each rank holds the whole model (plain data parallel)."""
     output = torchrun("--out", tmp_path / "out", "--cache-dir", one / "cache", "--steps", K, "--sample-every", "0",
@@ -254,10 +334,16 @@ def test_fsdp2_keeps_shards_on_the_gpus_when_they_fit():
                          work_bytes_per_sample=offload.WORK_UNITS * unit, keep_bytes_per_block_sample=
                          offload.KEEP_UNITS * unit, trainable_bytes=trainable, strategy="fsdp2", world_size=W)
         shards = (sum(p.block_bytes) + p.root_bytes) // W
-        with_shards = one_gpu[B].peak_bytes + shards
+        extra = B * (offload.KEEP_UNITS - offload.SAVED_UNITS) * unit      # a block that keeps its activations
+        plain = lambda plan: 56 - len(plan.checkpointed)
+        gathered = one_gpu[B].peak_bytes - plain(one_gpu[B]) * extra       # all 56 checkpointed, shards on the host
+        with_shards = gathered + shards
         assert (with_shards <= 79 * GiB - 3 * GiB) is on_gpu                # margin min(3 GiB, 5%)
         assert q.cpu_offload is not on_gpu and q.streamed == list(range(56))
-        assert q.peak_bytes == (with_shards if on_gpu else one_gpu[B].peak_bytes)
+        base = with_shards if on_gpu else gathered
+        assert plain(q) == min(56, (79 * GiB - 3 * GiB - base) // extra) > 0   # spare memory skips recompute
+        assert q.checkpointed == list(range(56 - plain(q)))
+        assert q.peak_bytes == base + plain(q) * extra <= 79 * GiB - 3 * GiB
         assert q.h2d_bytes_per_step == (0 if on_gpu else (2 * sum(p.block_bytes) + p.root_bytes) // W)
         text = q.describe()
         assert f"FSDP2 over {W} ranks, shards {'on the GPU' if on_gpu else 'in host memory'}" in text

@@ -119,6 +119,19 @@ def test_auto_streams_some_single_blocks_and_trains_like_the_plain_model():
     assert_same_training(train(model, cfg=TINY6), ref)
 
 
+def test_fused_glue_trains_like_eager_with_streamed_weights(reference):
+    """flux2.fuse() compiles the elementwise glue (norms, modulation, RoPE, SwiGLU); in float64 the compiled kernels
+    compute what eager does, here with every block's weights coming through the ring."""
+    model = tiny()
+    prepare(model, "stream")
+    flux2.fuse(True)
+    try:
+        assert flux2.modulate.__wrapped__ in flux2._FUSED
+        assert_same_training(train(model), reference, tol=1e-10)
+    finally:
+        flux2.fuse(False)
+
+
 def test_auto_spends_spare_memory_on_skipping_checkpoints_and_trains_like_the_plain_model(reference):
     model = tiny()
     plan_at = lambda gib: offload.plan_for(model, model.blocks, device="cpu", batch_size=B, tokens_per_sample=S,
