@@ -638,7 +638,8 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
                  ring_size=ring_size)
     # Whole blocks are compiled only when every block is resident. Measured on the H100 (torch 2.11): compiled blocks
     # next to streamed ones gave NaN gradients, and compiled streamed blocks an illegal memory access in the
-    # checkpoint recompute. For plans that move weights the callers compile the glue instead (flux2.fuse).
+    # checkpoint recompute. A later H200 probe ran clean but only 1% faster than compiling the glue, which is what
+    # the callers do for plans that move weights (flux2.fuse; bench/RESULTS.md §5.1).
     p.compiled = compile = compile and not p.streamed and strategy != "fsdp2"
     if strategy == "fsdp2":
         _apply_fsdp2(model, blocks, p, device, compile)
