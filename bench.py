@@ -4,6 +4,7 @@ the numbers do not depend on their values. Follows docs/offload.md §6 for the F
 
     python bench.py --out bench/h100                        # the issue-4 table, about 9 minutes on one H100
     python bench.py --forward-only --out bench/h100-fwd     # one forward at 1024², batch 1
+    python bench.py --gpu-memory-limit 80 --runs 8x1024:auto+fuse,1x1024:auto+fuse --out bench/h200   # an 80 GB card
     python bench.py --preset tiny --device cpu --configs 1x64 --txt-len 16 --steps 1 --gpu-memory-limit 1 \\
         --strategies resident,stream,auto,fsdp2 --diffusers-baseline --out /tmp/bench     # a dry run of every path
 
@@ -20,7 +21,9 @@ H100 798, H200 788 TFLOP/s (flux2.PEAK_BF16_FLOPS: 8192³ bf16 matmuls measured 
 Runs go in this order, each skipped when the time budget would not cover it: the diffusers baseline (resident,
 batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024
 resident, the other eager runs as listed, the +compile runs, then FSDP2 (its own model; ours is freed first). Our
-model is built once and re-planned per run, keeping host copies, so host memory is pinned once. results.json and
+model is built once and re-planned per run, keeping host copies, so host memory is pinned once. `--runs` gives an
+explicit list instead (8x1024:auto+fuse,...), run in that order. A strategy's suffix: +compile compiles whole blocks
+(resident plans only), +fuse compiles the glue between the matmuls (flux2.fuse; any plan). results.json and
 results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
 """
 import os

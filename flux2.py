@@ -10,6 +10,7 @@ with no renaming; other layouts (diffusers folders, HF shards) are mapped to the
 Shapes use B batch, L_img image tokens, L_txt text tokens (512), H hidden (6144 for dev), D head dim (128).
 """
 import base64
+import functools
 import json
 import math
 import re
@@ -215,11 +216,11 @@ _FUSABLE, _FUSED, _COMPILED = [], {}, {}
 
 def fusable(fn):
     """Mark elementwise glue that fuse() may compile; until then (and always on CPU by default) it runs eagerly."""
+    @functools.wraps(fn)
     def call(*args):
         if torch.compiler.is_compiling():    # called from another fused function: part of its graph
             return fn(*args)
         return _FUSED.get(fn, fn)(*args)
-    call.__name__, call.__doc__, call.__wrapped__ = fn.__name__, fn.__doc__, fn
     _FUSABLE.append(fn)
     return call
 
@@ -616,7 +617,7 @@ def dit_config(path) -> Flux2Config:
 
 
 def _dit_tensors(path: Path) -> tuple[Flux2Config, Iterator[tuple[str, Tensor]]]:
-    """The DiT config of a BFL file or diffusers folder, and its tensors under BFL names (read lazily, one at a time)."""
+    """The DiT config of a BFL file or diffusers folder, and its tensors under BFL names (read lazily, one by one)."""
     files, cfg = safetensors_files(path), dit_config(path)
     diffusers = path.is_dir() and (path / "config.json").is_file()
     return cfg, _dit_from_diffusers(files) if diffusers else _strip_prefix(files)

@@ -420,8 +420,7 @@ def _train(args, device: torch.device) -> dict:
                            tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
                            gpu_memory_limit=args.gpu_memory_limit,
                            compile=compile)
-    if compile and not plan.compiled:       # weights move (streamed or sharded): compile the glue, not the blocks
-        flux2.fuse(True)
+    flux2.fuse(compile and not plan.compiled)   # weights move (streamed or sharded): compile the glue, not the blocks
     if source.random:
         sample.fill_random(model, device)                        # values for the storage the plan allocated
     elif on_meta:

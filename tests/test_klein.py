@@ -261,3 +261,19 @@ def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path):
     with pytest.warns(UserWarning, match="step-distilled FLUX.2 \\[klein\\].*klein base"):
         train.train(train.parse_args([*flags, "--model-dir", str(distilled), "--out", str(tmp_path / "b"),
                                       "--sample-every", "0"]))
+
+
+@pytest.mark.parametrize("name, preset, text", [("dev-random", "dev", "mistral-small-3.2"),
+                                                ("klein-4b-random", "klein-4b", "qwen3-4b"),
+                                                ("klein-9b-random", "klein-9b", "qwen3-8b")])
+def test_random_full_size_models_pair_the_right_text_encoder(name, preset, text):
+    """--model klein-4b-random etc. (speed and memory checks without weights): the full-size DiT on meta, for
+    offload.prepare to place, and a text encoder whose three layers give that DiT's context width."""
+    source = sample.ModelSource(name, None, "cpu")
+    dit = source.load_dit()
+    assert dit.cfg == flux2.PRESETS[preset] and all(p.is_meta for p in dit.parameters())
+    enc = flux2.TEXT_PRESETS[text]
+    assert len(enc.output_layers) * enc.hidden_size == dit.cfg.context_in_dim
+    assert enc.qk_norm is (not dit.cfg.use_guidance_embed)          # Qwen3 for klein, Mistral for dev
+    assert (source.ae_id, source.text_id) == (f"{name}-ae-seed0", f"{name}-text-seed0")   # caches never mix
+    assert train.parse_args(["--data", "d", "--model", name]).resolution == 1024           # no --model-dir needed

@@ -119,6 +119,14 @@ def test_auto_streams_some_single_blocks_and_trains_like_the_plain_model():
     assert_same_training(train(model, cfg=TINY6), ref)
 
 
+def test_whole_blocks_compile_only_when_every_block_is_resident():
+    """prepare(compile=True) compiles whole blocks for resident plans and says so in Plan.compiled; plans that move
+    weights stay uncompiled (the callers fuse the glue instead: flux2.fuse)."""
+    assert prepare(tiny(), "checkpoint", compile=True).compiled
+    assert not prepare(tiny(), "stream", compile=True).compiled
+    assert not prepare(tiny(), "checkpoint", compile=False).compiled
+
+
 def test_fused_glue_trains_like_eager_with_streamed_weights(reference):
     """flux2.fuse() compiles the elementwise glue (norms, modulation, RoPE, SwiGLU); in float64 the compiled kernels
     compute what eager does, here with every block's weights coming through the ring."""
@@ -231,6 +239,24 @@ def test_fsdp2_on_gloo_trains_like_the_plain_model(reference):
                     for name, p in model.named_parameters():
                         (p.to_local() if isinstance(p, DTensor) else p).copy_(values[name])
             assert_same_training(train(model), reference)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_with_spare_memory_skips_some_checkpoints_and_trains_like_the_plain_model(reference):
+    """With a budget, fsdp2 spends what is left on keeping the last blocks' activations (FSDP2 gathers a block again
+    for its backward either way); training is unchanged."""
+    model = tiny()
+    try:
+        plan_at = lambda gib: offload.plan_for(model, model.blocks, strategy="fsdp2", device="cpu", batch_size=B,
+                                               tokens_per_sample=S, gpu_memory_limit=gib)
+        limit = plan_at(1e-6).peak_bytes / GiB         # every block checkpointed: the least fsdp2 needs...
+        while len(plan_at(limit).checkpointed) > 2:    # ...then grow the budget until half the blocks keep activations
+            limit *= 1.01
+        plan = prepare(model, "fsdp2", gpu_memory_limit=limit)
+        assert plan.checkpointed == [0, 1] and plan.peak_bytes <= plan.budget_bytes
+        assert_same_training(train(model), reference)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import flux2
 import lora
 import sample
 import train
@@ -138,6 +139,17 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch, capsys, straigh
     a, b = adapters(straight["out"]), adapters(resumed["out"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert log_losses(straight["out"]) == log_losses(resumed["out"])
+
+
+def test_compile_with_streamed_weights_fuses_the_glue_and_trains_the_same(tmp_path, straight):
+    """--compile on a plan that streams: the blocks stay eager and flux2.fuse compiles the glue; in fp32 the run
+    follows the eager one to rounding."""
+    fused = train.train(args_for(tmp_path, *RUN, "--compile", "--offload", "stream", "--gpu-memory-limit", "1"))
+    try:
+        assert flux2._FUSED                                                  # the glue is compiled
+        assert log_losses(fused["out"]) == pytest.approx(log_losses(straight["out"]), rel=1e-4)
+    finally:
+        flux2.fuse(False)
 
 
 def test_killed_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
