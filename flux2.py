@@ -260,7 +260,6 @@ def rope(ids: Tensor, axes_dim: tuple, theta: int) -> Tensor:
     return rot.view(*a.shape, 2, 2)[:, None].float()
 
 
-@fusable
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (2p, 2p+1) of x [B, heads, L, D] by pe [B, 1, L, D/2, 2, 2]."""
     xp = x.to(_compute_dtype(x)).reshape(*x.shape[:-1], -1, 1, 2)     # [B, heads, L, D/2, 1, 2]
@@ -286,7 +285,6 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, 1 + scale, layer_norm(x))
 
 
-@fusable
 def rms_norm(x: Tensor, scale: Tensor) -> Tensor:
     """x / rms(x) * scale over the last dim, computed in at least fp32, returned in x's dtype (q/k norms)."""
     xf = x.to(_compute_dtype(x))
@@ -337,14 +335,12 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the head dim with a learned `scale`, computed in at least fp32."""
+    """The learned `scale` of an RMS norm over the head dim (checkpoint key `...norm.query_norm.scale`); rms_norm
+    applies it, inside norm_rope."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
