@@ -39,7 +39,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import flux2
@@ -470,8 +469,7 @@ def main(argv=None):
         else:
             run_training(args, device, args.out, meta, t_start)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        offload.leave_process_group()
     print(f"done in {time.time() - t_start:.0f} s; results in {args.out}", flush=True)
 
 

@@ -23,6 +23,7 @@ evicting a block is just repointing its parameters. A slot is overwritten only a
 compute stream, i.e. after every kernel that read its previous block; compute waits for the copy's event.
 Streaming requires checkpointing when autograd records: the backward then reads weights the recompute bound.
 """
+import gc
 import os
 import socket
 import warnings
@@ -496,6 +497,16 @@ def init_process_group(device: torch.device):
                           LOCAL_RANK="0")
     # gloo for CPU tensors too: gradients and norms of offloaded shards live there once world size > 1
     dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+
+
+def leave_process_group():
+    """Destroy the process group, if any. An FSDP2-sharded model holds its group through reference cycles, so it
+    would otherwise die at some later garbage collection, possibly during interpreter shutdown; collect first so gloo
+    and NCCL objects are freed while the interpreter is whole (CI saw one rank of a 2-rank gloo run abort at exit
+    with "terminate called without an active exception")."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

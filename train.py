@@ -361,8 +361,8 @@ def train(args) -> dict:
     try:
         return _train(args, device)
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if own_group:
+            offload.leave_process_group()
 
 
 def _train(args, device: torch.device) -> dict:

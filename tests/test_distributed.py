@@ -206,7 +206,7 @@ def _load_shards(rank: int, port: int, cases: list):
                                                    r"\['single_blocks\.1\.linear2\.weight'\]"):
             flux2.load_flux2_into(models[0], bad)
     finally:
-        dist.destroy_process_group()
+        offload.leave_process_group()
 
 
 def test_sharded_load_equals_load_flux2(tmp_path):
@@ -314,7 +314,7 @@ def test_ranks_split_the_caching(tmp_path):
         data.cache_texts(texts, cache_dir=tmp_path, text_id="t", load_encoder=encoder, rank=0, world=2)
         assert sorted(seen) == ["a", "b", "c", "d", "e"]
     finally:
-        dist.destroy_process_group()
+        offload.leave_process_group()
 
 
 def test_fsdp2_keeps_shards_on_the_gpus_when_they_fit():
