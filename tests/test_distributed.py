@@ -196,33 +196,38 @@ def test_two_ranks_load_their_shards_of_a_snapshot_and_train_what_one_process_tr
 
 
 def _load_shards(rank: int, port: int, cases: list):
-    """One of two ranks for test_sharded_load_equals_load_flux2: for each (path, gpu_memory_limit), the DiT built on
-    meta, given LoRA, sharded by offload.prepare and filled by load_flux2_into gathers to load_flux2's tensors."""
+    """One of two ranks for test_sharded_load_equals_load_flux2 (torch.multiprocessing.spawn)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        models = []
-        for path, limit in cases:
-            want = flux2.load_flux2(path).state_dict()                        # bf16, the whole DiT on this rank
-            model = flux2.load_flux2(path, device="meta")
-            lora.inject(model, "all", rank=2)
-            plan = offload.prepare(model, model.blocks, strategy="fsdp2", device="cpu", batch_size=1,
-                                   tokens_per_sample=8, gpu_memory_limit=limit)
-            assert plan.cpu_offload is (limit is not None)
-            flux2.load_flux2_into(model, path)
-            models.append(model)
-            frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-            assert frozen.keys() == want.keys()
-            for name, p in frozen.items():
-                assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), want[name]), name
-            short = [n for n, p in frozen.items() if p.to_local().shape[0] < -(-p.shape[0] // 2)]
-            assert bool(short) == (rank == 1)                                 # rows that do not split evenly
-        bad = cases[0][0].with_name("missing.safetensors")
-        with pytest.raises(flux2.LoadError, match=r"missing.safetensors: 1 keys of FLUX.2 .* missing, e\.g\. "
-                                                   r"\['single_blocks\.1\.linear2\.weight'\]"):
-            flux2.load_flux2_into(models[0], bad)
+        _check_shards(rank, cases)           # returns first, so its sharded models are gone when the group is freed
     finally:
         offload.leave_process_group()
+
+
+def _check_shards(rank: int, cases: list):
+    """For each (path, gpu_memory_limit): the DiT built on meta, given LoRA, sharded by offload.prepare and filled
+    by load_flux2_into gathers to load_flux2's tensors."""
+    models = []
+    for path, limit in cases:
+        want = flux2.load_flux2(path).state_dict()                        # bf16, the whole DiT on this rank
+        model = flux2.load_flux2(path, device="meta")
+        lora.inject(model, "all", rank=2)
+        plan = offload.prepare(model, model.blocks, strategy="fsdp2", device="cpu", batch_size=1,
+                               tokens_per_sample=8, gpu_memory_limit=limit)
+        assert plan.cpu_offload is (limit is not None)
+        flux2.load_flux2_into(model, path)
+        models.append(model)
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        assert frozen.keys() == want.keys()
+        for name, p in frozen.items():
+            assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), want[name]), name
+        short = [n for n, p in frozen.items() if p.to_local().shape[0] < -(-p.shape[0] // 2)]
+        assert bool(short) == (rank == 1)                                 # rows that do not split evenly
+    bad = cases[0][0].with_name("missing.safetensors")
+    with pytest.raises(flux2.LoadError, match=r"missing.safetensors: 1 keys of FLUX.2 .* missing, e\.g\. "
+                                               r"\['single_blocks\.1\.linear2\.weight'\]"):
+        flux2.load_flux2_into(models[0], bad)
 
 
 def test_sharded_load_equals_load_flux2(tmp_path):
