@@ -300,14 +300,16 @@ class ModelSource:
         models = self._load("text")
         return lambda prompts: encode_text(models, prompts)
 
-    def load_dit(self, sharded: bool = False) -> Flux2:
-        """The DiT on the CPU in the model dtype, for offload.prepare to place; on meta for the random models, and for
-        a snapshot when `sharded` (fsdp2: no rank holds the whole DiT; fill_dit loads each rank's shard)."""
-        return self._load("dit", dit_device="meta" if sharded and not self.tiny else "cpu").dit
+    def load_dit(self) -> Flux2:
+        """The DiT in the model dtype for offload.prepare to place: built on meta for a snapshot and the random models
+        (prepare allocates each tensor where the plan puts it, on the GPU, in pinned host memory or as this rank's
+        FSDP2 shard; fill_dit or fill_random then writes the values), so the whole DiT never sits in host memory;
+        on the CPU for the tiny model."""
+        return self._load("dit", dit_device="cpu" if self.tiny else "meta").dit
 
     def fill_dit(self, dit: Flux2) -> None:
-        """Read the snapshot's DiT values into a DiT that load_dit(sharded=True) built and offload.prepare placed:
-        each rank copies only its own rows, one tensor at a time (flux2.load_flux2_into)."""
+        """Read the snapshot's DiT values into the DiT load_dit() built and offload.prepare placed, one tensor at a
+        time from the memory-mapped files; a sharded rank copies only its own rows (flux2.load_flux2_into)."""
         flux2.load_flux2_into(dit, self.paths["dit"])
 
     def for_preview(self, dit: Flux2) -> Models:
@@ -518,6 +520,24 @@ def _settings(args) -> dict:
     return s
 
 
+def placed_dit(model_dir, *, tiny: bool, device, dtype, lora_file=None, lora_scale: float = 1.0, strategy="auto",
+               tokens: int, gpu_memory_limit=None, compile: bool = False) -> tuple[Flux2, offload.Plan]:
+    """The DiT for sampling with the LoRA, placed by offload.prepare (which prints the plan). A snapshot's DiT is built
+    on meta, takes the LoRA's adapters (shapes only), is placed, and only then read from the memory-mapped files
+    into its places, one tensor at a time: the whole DiT never sits in host memory. Then the adapters' values."""
+    dit = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("dit",),
+                      dit_device="cpu" if tiny else "meta").dit
+    if lora_file:
+        lora.load(dit, lora_file, scale=lora_scale)        # on meta: creates the adapters, so the plan places them
+    plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=device, batch_size=1, tokens_per_sample=tokens,
+                           train=False, gpu_memory_limit=gpu_memory_limit, compile=compile)
+    if not tiny:
+        flux2.load_flux2_into(dit, snapshot_paths(model_dir)["dit"])
+        if lora_file:
+            lora.load(dit, lora_file, scale=lora_scale)    # fills the placed adapters in place
+    return dit, plan
+
+
 def run(args) -> list[Path]:
     """Generate every prompt with the settings of `args`; returns the PNG paths written."""
     s = _settings(args)
@@ -536,17 +556,14 @@ def run(args) -> list[Path]:
     txt_uncond = encode_text(models, [""]) if (s.get("cfg") or 0) > 1 else None   # klein base: CFG vs ""
     free_text_encoder(models)
 
-    # 2. the DiT lands on the CPU, takes the LoRA, and offload.py places its blocks (resident or streamed)
-    loaded = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("dit", "ae"), dit_device="cpu")
-    models.dit, models.ae = loaded.dit, loaded.ae
-    if s.get("lora"):
-        lora.load(models.dit, s["lora"], scale=s["lora_scale"])
+    # 2. the DiT with the LoRA, placed by offload.py (blocks resident or streamed), and the autoencoder
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     compile = device.type == "cuda" if args.compile is None else args.compile
-    plan = offload.prepare(models.dit, models.dit.blocks, strategy=args.offload, device=device, batch_size=1,
-                           tokens_per_sample=tokens, train=False, gpu_memory_limit=args.gpu_memory_limit,
-                           compile=compile)                                    # prints the plan
+    models.dit, plan = placed_dit(model_dir, tiny=tiny, device=device, dtype=dtype, lora_file=s.get("lora"),
+                                  lora_scale=s["lora_scale"], strategy=args.offload, tokens=tokens,
+                                  gpu_memory_limit=args.gpu_memory_limit, compile=compile)
     flux2.fuse(compile and not plan.compiled)      # weights streamed: compile the glue between the matmuls instead
+    models.ae = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("ae",)).ae
 
     # 3. sample and decode, one image at a time
     outs = [args.out] if len(s["prompts"]) == 1 else \

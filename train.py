@@ -411,7 +411,7 @@ def _train(args, device: torch.device) -> dict:
     # 2. The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when there are several).
     strategy = "fsdp2" if world > 1 and args.offload == "auto" else args.offload
     torch.manual_seed(args.seed)                                # LoRA A init (the same on every rank); or resumed
-    model = source.load_dit(sharded=strategy == "fsdp2")        # fsdp2: on meta, each rank loads only its shard
+    model = source.load_dit()                                   # on meta unless tiny: values come after placing
     on_meta = next(model.parameters()).is_meta
     params = lora.inject(model, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
     l_img = (args.resolution // 16) ** 2
@@ -424,7 +424,7 @@ def _train(args, device: torch.device) -> dict:
     if source.random:
         sample.fill_random(model, device)                        # values for the storage the plan allocated
     elif on_meta:
-        source.fill_dit(model)                                  # each rank reads its own shard from the snapshot
+        source.fill_dit(model)                                  # the snapshot's values (a sharded rank: its rows)
         torch.manual_seed(args.seed)                            # and redraws the adapters inject made on meta,
         lora.init_adapters(model)                               # as it drew them on a CPU-loaded DiT
     if world > 1:                                               # replicas start equal, however they were filled

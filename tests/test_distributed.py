@@ -195,6 +195,21 @@ def test_two_ranks_load_their_shards_of_a_snapshot_and_train_what_one_process_tr
     assert_same_log(train.read_log(tmp_path / "out"), train.read_log(one / "out")[:K])
 
 
+def test_one_process_fills_a_snapshot_into_the_placed_dit_and_trains_what_tiny_trains(one, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """One process builds the DiT on meta too: offload.prepare places it (here --offload stream, as on a GPU: the
+    blocks in host copies the GPU streams from), then fill_dit reads the file into those places, so the whole DiT
+    never sits in host memory. The run equals --model tiny's."""
+    snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")
+    filled, fill = [], sample.ModelSource.fill_dit
+    monkeypatch.setattr(sample.ModelSource, "fill_dit", lambda self, dit: fill(self, filled.append(dit) or dit))
+    run_here(tmp_path, "--model", "dev", "--model-dir", snap, "--out", tmp_path / "out", "--steps", K,
+             "--sample-every", "0", "--offload", "stream", "--gpu-memory-limit", 1)
+    assert "streamed: 4 of 4 blocks" in capsys.readouterr().out and len(filled) == 1
+    assert_same_state(checkpoint(tmp_path / "out", K), checkpoint(one / "out", K))
+    assert_same_log(train.read_log(tmp_path / "out"), train.read_log(one / "out")[:K])
+
+
 def _load_shards(rank: int, port: int, cases: list):
     """One of two ranks for test_sharded_load_equals_load_flux2 (torch.multiprocessing.spawn)."""
     torch.set_num_threads(1)

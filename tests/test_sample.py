@@ -271,6 +271,35 @@ def test_lora_scale_equals_merged_weights(tmp_path):
     assert Image.open(out).text["lora"] == str(file) and float(Image.open(out).text["lora_scale"]) == s
 
 
+def test_sampling_reads_a_snapshot_into_the_placed_dit(tmp_path, capsys):
+    """sample.py's DiT from a snapshot: built on meta, given the LoRA's adapters, placed (here --offload stream, as on
+    a GPU: every block in a host copy the GPU streams from), then filled from the file and the LoRA. It holds the
+    values of the DiT load_models reads onto the CPU plus the same LoRA, and computes what that one computes."""
+    from test_distributed import tiny_snapshot
+    from test_offload import batch
+    snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")         # the tiny DiT's weights, BFL names, float32
+    trained = sample.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
+    lora.inject(trained, "paper", rank=4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora.adapters(trained).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    file = tmp_path / "lora.safetensors"
+    lora.save(trained, file)
+
+    dit, plan = sample.placed_dit(snap, tiny=False, device=torch.device("cpu"), dtype=torch.float32, lora_file=file,
+                                  lora_scale=0.7, strategy="stream", tokens=64, gpu_memory_limit=1)
+    assert plan.streamed == [0, 1, 2, 3] and "streamed: 4 of 4 blocks" in capsys.readouterr().out
+    ref = sample.load_models(snap, device="cpu", dtype=torch.float32, parts=("dit",)).dit
+    lora.load(ref, file, scale=0.7)
+    got, want = dit.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    x, _ = batch(0)
+    x = [t.float() for t in x]
+    with torch.no_grad():
+        assert torch.equal(dit(*x), ref(*x))
+
+
 def test_sizes_round_down_with_a_warning():
     with pytest.warns(UserWarning, match="70x50 is not a multiple of 16; using 64x48"):
         img, = sample.generate(tiny_models(torch.float32), ["a fox"], width=70, height=50, steps=1, guidance=4.0,
