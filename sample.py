@@ -556,14 +556,14 @@ def run(args) -> list[Path]:
     txt_uncond = encode_text(models, [""]) if (s.get("cfg") or 0) > 1 else None   # klein base: CFG vs ""
     free_text_encoder(models)
 
-    # 2. the DiT with the LoRA, placed by offload.py (blocks resident or streamed), and the autoencoder
+    # 2. the autoencoder, then the DiT with the LoRA, placed by offload.py (blocks resident or streamed) in what is left
+    models.ae = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("ae",)).ae
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     compile = device.type == "cuda" if args.compile is None else args.compile
     models.dit, plan = placed_dit(model_dir, tiny=tiny, device=device, dtype=dtype, lora_file=s.get("lora"),
                                   lora_scale=s["lora_scale"], strategy=args.offload, tokens=tokens,
                                   gpu_memory_limit=args.gpu_memory_limit, compile=compile)
     flux2.fuse(compile and not plan.compiled)      # weights streamed: compile the glue between the matmuls instead
-    models.ae = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("ae",)).ae
 
     # 3. sample and decode, one image at a time
     outs = [args.out] if len(s["prompts"]) == 1 else \
