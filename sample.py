@@ -35,8 +35,9 @@ from torch import Tensor
 import flux2
 import lora
 import offload
-from flux2 import (AE_PRESETS, PRESETS, TEXT_PRESETS, AutoEncoder, Flux2, LoadError, MistralEncoder, Tokenizer,
-                   image_ids, pack, text_ids, unpack)
+import text_encoder
+from flux2 import AE_PRESETS, PRESETS, AutoEncoder, Flux2, LoadError, image_ids, pack, text_ids, unpack
+from text_encoder import TEXT_PRESETS, MistralEncoder, Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,17 +180,17 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torc
     m = Models(device=device, dtype=dtype)
     paths = None if tiny else snapshot_paths(model_dir)          # fails before anything heavy is read
     if paths is not None:
-        flux2.check_pair(paths["dit"], paths["text"], text_layers)   # e.g. a klein DiT next to dev's Mistral
+        text_encoder.check_pair(paths["dit"], paths["text"], text_layers)   # e.g. a klein DiT next to dev's Mistral
     if "text" in parts:
         if tiny:
             m.tokenizer = Tokenizer.tiny()
             m.text_encoder = _tiny(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), seed + 2).to(device, dtype)
         else:
             m.tokenizer = Tokenizer(paths["tokenizer"])
-            if m.tokenizer.family != flux2.text_family(paths["text"]):
+            if m.tokenizer.family != text_encoder.text_family(paths["text"]):
                 raise LoadError(f"{paths['tokenizer']}: a {m.tokenizer.family} tokenizer next to a "
-                                f"{flux2.text_family(paths['text'])} text encoder; use the snapshot's own tokenizer/")
-            m.text_encoder = flux2.load_text_encoder(paths["text"], text_layers, device=device, dtype=dtype)
+                                f"{text_encoder.text_family(paths['text'])} text encoder; use the snapshot's own tokenizer/")
+            m.text_encoder = text_encoder.load_text_encoder(paths["text"], text_layers, device=device, dtype=dtype)
     if "dit" in parts:
         at = dit_device or device
         m.dit = _tiny(lambda: Flux2(PRESETS["tiny"]), seed).to(at, dtype) if tiny else \

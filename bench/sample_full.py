@@ -2,7 +2,7 @@
 `python bench/sample_full.py [--compile]`). Times the text encoder (embeddings + 30 layers), the 50 DiT steps, the decode."""
 import gc, json, os, sys, time, torch
 sys.path.insert(0, os.getcwd())
-import flux2, sample, offload
+import flux2, sample, offload, text_encoder
 from bench import fill_random
 dev, out = torch.device("cuda"), os.environ.get("OUT", "/tmp")
 res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -14,9 +14,9 @@ def build(cls, cfg, dtype):
     fill_random(m, dev)
     return m
 t0 = sync_time()
-text = build(flux2.MistralEncoder, flux2.TEXT_PRESETS["mistral-small-3.2"], torch.bfloat16)
+text = build(text_encoder.MistralEncoder, text_encoder.TEXT_PRESETS["mistral-small-3.2"], torch.bfloat16)
 res["text_build_s"] = sync_time() - t0
-models = sample.Models(device=dev, dtype=torch.bfloat16, text_encoder=text, tokenizer=flux2.Tokenizer.tiny())
+models = sample.Models(device=dev, dtype=torch.bfloat16, text_encoder=text, tokenizer=text_encoder.Tokenizer.tiny())
 torch.cuda.reset_peak_memory_stats()
 t0 = sync_time(); txt = sample.encode_text(models, ["a red fox in the snow, golden hour"]); res["text_encode_s"] = sync_time() - t0
 res["text_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -20,6 +20,7 @@ import data
 import flux2
 import lora
 import sample
+import text_encoder
 import train
 from flux2 import LoadError
 from test_sample import SCHEDULER, VAE, randomize, rel
@@ -43,7 +44,7 @@ W, H, STEPS = 48, 64, 3
 
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE (bytes, a few merges, filler up to 151643) with Qwen3's control tokens at their real ids."""
-    chars = flux2._byte_chars()
+    chars = text_encoder._byte_chars()
     merges = [("a", "n"), ("Ġ", "d"), ("Ġd", "o"), ("e", "r"), ("Ċ", "Ċ"), ("u", "s")]
     vocab = {c: i for i, c in enumerate(chars)}
     for a, b in merges:
@@ -91,7 +92,7 @@ def test_qwen3_encoder_matches_transformers(klein):
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 7:] = False                                                 # right padding, as klein's prompts
     ids[1, 7:] = CONTROLS["<|endoftext|>"]
-    ours = flux2.load_text_encoder(root / "text_encoder", layers=(1, 2), dtype=torch.float64)
+    ours = text_encoder.load_text_encoder(root / "text_encoder", layers=(1, 2), dtype=torch.float64)
     assert len(ours.layers) == 2 and ours.cfg.qk_norm and ours.cfg.rope_theta == 1e6 and ours.cfg.head_dim == 8
     with torch.no_grad():
         hs = pipe.text_encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
@@ -108,18 +109,18 @@ def test_qwen3_encoder_matches_transformers(klein):
 
 def test_qwen3_presets_and_default_layers(klein):
     _, root = klein
-    assert flux2.text_family(root / "text_encoder") == "qwen3"
+    assert text_encoder.text_family(root / "text_encoder") == "qwen3"
     with pytest.raises(LoadError, match=r"must lie in 1..3 .*\(9, 18, 27\)"):    # Qwen3's layers, 4 here
-        flux2.load_text_encoder(root / "text_encoder")
+        text_encoder.load_text_encoder(root / "text_encoder")
     for name, hidden in (("qwen3-4b", 2560), ("qwen3-8b", 4096)):
-        cfg = flux2.TEXT_PRESETS[name]
+        cfg = text_encoder.TEXT_PRESETS[name]
         assert 3 * cfg.hidden_size == 3 * hidden == flux2.PRESETS["klein-4b" if hidden == 2560 else "klein-9b"] \
             .context_in_dim and cfg.output_layers == (9, 18, 27) and cfg.qk_norm
 
 
 def test_prompt_template_and_right_padding(klein):
     pipe, root = klein
-    ours = flux2.Tokenizer(root / "tokenizer")
+    ours = text_encoder.Tokenizer(root / "tokenizer")
     assert ours.family == "qwen3"
     prompts = [PROMPT, "", "dogs\nand <|im_start|>cats"]
     ids, mask = ours.encode_prompts(prompts)
@@ -272,7 +273,7 @@ def test_random_full_size_models_pair_the_right_text_encoder(name, preset, text)
     source = sample.ModelSource(name, None, "cpu")
     dit = source.load_dit()
     assert dit.cfg == flux2.PRESETS[preset] and all(p.is_meta for p in dit.parameters())
-    enc = flux2.TEXT_PRESETS[text]
+    enc = text_encoder.TEXT_PRESETS[text]
     assert len(enc.output_layers) * enc.hidden_size == dit.cfg.context_in_dim
     assert enc.qk_norm is (not dit.cfg.use_guidance_embed)          # Qwen3 for klein, Mistral for dev
     assert (source.ae_id, source.text_id) == (f"{name}-ae-seed0", f"{name}-text-seed0")   # caches never mix

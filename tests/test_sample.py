@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
-import flux2
 import lora
 import sample
+import text_encoder
 from flux2 import LoadError
 
 # The tiny DiT preset's sizes (flux2.PRESETS["tiny"]) as a diffusers config; its context 192 = 3 layers x 64.
@@ -149,18 +149,18 @@ def test_schedule_matches_diffusers_scheduler():
 def test_text_features_match_diffusers(tiny):
     pipe, models = tiny
     # flux2_reference.md §6.1 says diffusers' system message has a space where BFL has "\n"; 0.42.1 has the "\n"
-    assert pipe.system_message == flux2.SYSTEM_MESSAGE
+    assert pipe.system_message == text_encoder.SYSTEM_MESSAGE
     prompts = [PROMPT, "x"]
     ref, _ = pipe.encode_prompt(prompts, max_sequence_length=512, text_encoder_out_layers=LAYERS)
     ours = sample.encode_text(models, prompts)                                   # [2, 512, 192]
     assert ours.shape == ref.shape == (2, 512, 192) and ours.dtype == torch.float64
     assert rel(ours, ref) <= 1e-12                                               # observed: bit-identical
     # the comparison sees the system message: diffusers with the space variant gives other features
-    pipe.system_message = flux2.SYSTEM_MESSAGE.replace("object\nattribution", "object attribution")
+    pipe.system_message = text_encoder.SYSTEM_MESSAGE.replace("object\nattribution", "object attribution")
     try:
         spaced, _ = pipe.encode_prompt(prompts, max_sequence_length=512, text_encoder_out_layers=LAYERS)
     finally:
-        pipe.system_message = flux2.SYSTEM_MESSAGE
+        pipe.system_message = text_encoder.SYSTEM_MESSAGE
     assert rel(ours, spaced) > 1e-3
 
 

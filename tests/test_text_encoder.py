@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralForCausalLM
 from transformers import MistralConfig as HFMistralConfig
 
-from flux2 import LoadError, load_text_encoder
+from flux2 import LoadError
+from text_encoder import load_text_encoder
 from test_sample import TEXT as SAMPLE_TEXT, VISION, randomize as randomize_all
 
 TEXT = {**SAMPLE_TEXT, "hidden_size": 32, "intermediate_size": 64}     # oracle §4.5's tiny Mistral3

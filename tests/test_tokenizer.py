@@ -13,7 +13,8 @@ from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from flux2 import SYSTEM_MESSAGE, TEXT_PRESETS, LoadError, Tokenizer
+from flux2 import LoadError
+from text_encoder import SYSTEM_MESSAGE, TEXT_PRESETS, Tokenizer
 
 TEKKEN = pathlib.Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 GOLDEN = [1, 17, 4568, 1584, 1420, 26554, 1455, 12738, 2314, 3937, 38340, 1046, 3213, 5628, 37253, 11688, 30557, 1408,

@@ -15,6 +15,7 @@ import data
 import flux2
 import lora
 import sample
+import text_encoder
 import train
 from flux2 import image_ids, pack, text_ids, unpack
 
@@ -322,7 +323,7 @@ def test_dev_random_builds_full_size_shapes_with_random_values(tmp_path, monkeyp
     import flux2
     monkeypatch.setitem(flux2.PRESETS, "dev", flux2.PRESETS["tiny"])
     monkeypatch.setitem(flux2.AE_PRESETS, "flux2", flux2.AE_PRESETS["tiny"])
-    monkeypatch.setitem(flux2.TEXT_PRESETS, "mistral-small-3.2", flux2.TEXT_PRESETS["tiny"])
+    monkeypatch.setitem(text_encoder.TEXT_PRESETS, "mistral-small-3.2", text_encoder.TEXT_PRESETS["tiny"])
     args = train.parse_args(["--data", str(TOY), "--model", "dev-random", "--out", str(tmp_path / "out"),
                              "--cache-dir", str(tmp_path / "cache"), "--resolution", "32", "--steps", "2",
                              "--sample-every", "0", "--save-every", "0", "--device", "cpu"])
