@@ -22,8 +22,10 @@ Runs go in this order, each skipped when the time budget would not cover it: the
 batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024
 resident, the other eager runs as listed, the +compile runs, then FSDP2 (its own model; ours is freed first). Our
 model is built once and re-planned per run, keeping host copies, so host memory is pinned once. `--runs` gives an
-explicit list instead (8x1024:auto+fuse,...), run in that order. A strategy's suffix: +compile compiles whole blocks
-(resident plans only), +fuse compiles the glue between the matmuls (flux2.fuse; any plan). results.json and
+explicit list instead (8x1024:auto+fuse,...), run in that order. A strategy's suffixes: +compile compiles whole
+blocks (resident plans only), +fuse compiles the glue between the matmuls (flux2.fuse; any plan), +recompute makes
+checkpointed blocks recompute their attention as well (the report's plain checkpointing; by default the planner
+lets them keep its output when memory allows, offload.plan). results.json and
 results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
 """
 import os
@@ -169,16 +171,19 @@ class Ours:
             self.lora = lora.inject(self.model, "paper", rank=args.rank) if with_lora else []
         self.filled = False
 
-    def plan(self, strategy: str, batch: int, side: int, train: bool = True) -> offload.Plan:
+    def plan(self, strategy: str, batch: int, side: int, train: bool = True, selective: bool = True
+             ) -> offload.Plan:
         return offload.plan_for(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy),
                                 device=self.device, batch_size=batch, tokens_per_sample=tokens(side, self.args.txt_len),
-                                train=train, gpu_memory_limit=self.args.gpu_memory_limit)
+                                train=train, gpu_memory_limit=self.args.gpu_memory_limit,
+                                selective=selective)
 
-    def prepare(self, strategy: str, batch: int, side: int, compile: bool, train: bool = True) -> offload.Plan:
+    def prepare(self, strategy: str, batch: int, side: int, compile: bool, train: bool = True,
+                selective: bool = True) -> offload.Plan:
         plan = offload.prepare(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy), device=self.device,
                                batch_size=batch, tokens_per_sample=tokens(side, self.args.txt_len), train=train,
                                gpu_memory_limit=self.args.gpu_memory_limit, compile=compile,
-                               keep_host_copy=strategy != "fsdp2")
+                               keep_host_copy=strategy != "fsdp2", selective=selective)
         if not self.filled:
             fill_random(self.model, self.device)
             self.filled = True
@@ -257,7 +262,7 @@ def schedule(configs, strategies, diffusers: bool) -> list[tuple[int, int, str]]
     """Diffusers first (so the two models never share the GPU), then ours: the headline runs, the other eager runs,
     the compiled runs (compile time is the least predictable), FSDP2 last (its own model); else as listed."""
     runs = [(b, s, k) for b, s in configs for k in strategies]
-    runs.sort(key=lambda r: (r[2].startswith("fsdp2"), r[2].endswith("+compile"),
+    runs.sort(key=lambda r: (r[2].startswith("fsdp2"), "+compile" in r[2],
                              HEADLINE.index(r) if r in HEADLINE else len(HEADLINE)))
     base = [(b, s, "diffusers") for b, s in sorted(configs, key=lambda c: (c != (1, 1024), c)) if b <= 2]
     return (base if diffusers else []) + runs
@@ -313,8 +318,9 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
         return live[family]
 
     for b, side, strategy in runs:
-        kind, compile = strategy.split("+")[0], strategy.endswith("+compile") or args.compile
-        flux2.fuse(strategy.endswith("+fuse"))
+        kind, *mods = strategy.split("+")
+        compile, selective = "compile" in mods or args.compile, "recompute" not in mods
+        flux2.fuse("fuse" in mods)
         family = kind if kind in ("diffusers", "fsdp2") else "ours"
         steps, cfg = args.big_batch_steps if b >= 4 else args.steps, flux2.PRESETS[args.preset]
         work = flops(cfg, b, side, args.txt_len)[1]
@@ -334,7 +340,7 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
             else:
                 fresh = family not in live
                 model = model_for(family)
-                plan = model.plan(kind, b, side)
+                plan = model.plan(kind, b, side, selective=selective)
                 r["plan"], r["h2d_plan_gib"] = plan.describe(), plan.h2d_bytes_per_step / GiB
                 r["pinned_plan_gib"] = sum(plan.block_bytes[i] for i in plan.streamed) / GiB
                 if plan.budget_bytes and plan.peak_bytes > 1.05 * plan.budget_bytes:
@@ -349,7 +355,8 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
                     continue
                 t0 = time.time()
                 if family == "ours" or fresh:      # FSDP2 shards once; later runs only change the batch
-                    model.prepare(kind, b, side, compile)
+                    applied = model.prepare(kind, b, side, compile, selective=selective)
+                    r["plan"] = applied.describe()   # +compile re-plans without selective checkpointing
                 r["prepare_s"] = time.time() - t0
                 pinned = offload.stats(model.model)["host_copy_bytes"] - have
                 if pinned > GiB:
@@ -423,7 +430,8 @@ def main(argv=None):
                         "1x1024,1x512)")
     p.add_argument("--strategies", default="auto,stream,resident,auto+compile,fsdp2",
                    help="resident | stream | auto | fsdp2, each optionally +compile (torch.compile whole blocks; "
-                        "resident plans only) or +fuse (flux2.fuse: compiled elementwise glue, any plan)")
+                        "resident plans only) or +fuse (flux2.fuse: compiled elementwise glue, any plan), and "
+                        "+recompute (checkpointed blocks recompute attention too)")
     p.add_argument("--runs", default=None,
                    help="explicit runs in this order, BxSIDE:STRATEGY comma-separated (8x1024:auto+fuse,"
                         "1x512:diffusers); replaces --configs x --strategies")

@@ -22,19 +22,28 @@ the next R-1 blocks of that order on a copy stream while the current block compu
 evicting a block is just repointing its parameters. A slot is overwritten only after an event recorded on the
 compute stream, i.e. after every kernel that read its previous block; compute waits for the copy's event.
 Streaming requires checkpointing when autograd records: the backward then reads weights the recompute bound.
+
+Selective checkpointing. A checkpointed block may also keep the few outputs that cost most to recompute per byte
+kept (torch's selective activation checkpointing, at op level as in torchtitan): the outputs of the MLP
+down-projections (a matmul reducing over 3-4x the width: 2K FLOPs per element kept) and of the attention kernel
+(4L FLOPs per element, L = tokens). Each is one block input's worth of memory per sample; the recompute then skips
+those ops. The planner gives spare memory to them first (the better one first), then to blocks that skip
+checkpointing altogether; and when a plan streams anyway and the step is big enough that copies hide behind
+compute, it streams more blocks to make room for them.
 """
+import functools
 import gc
 import os
 import socket
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 GiB = 2**30
 STRATEGIES = ("auto", "none", "checkpoint", "stream", "fsdp2")
@@ -47,6 +56,16 @@ SAVED_UNITS = 1    # a checkpointed block keeps only its input until backward
 WORK_UNITS = 44    # the one block being recomputed and differentiated (35-40 measured, plus headroom)
 KEEP_UNITS = 30    # an un-checkpointed block keeps all its saved tensors (26.3 counted for a single block + paper LoRA)
 INFER_UNITS = 28   # one block's forward without autograd (22-27 measured, same probe)
+# What a checkpointed block may keep so that its recompute skips the op (selective checkpointing):
+MLP_K = 3          # "mlp": outputs of matmuls reducing over >= MLP_K x width: FLUX.2's MLP down-projections
+MLP_UNITS = 1      #   (img_mlp.2 and txt_mlp.2 over 3x, linear2 over 4x the width; the LoRA's r-wide ones are tiny)
+ATTN_UNITS = 1.05  # "attention": the attention kernel's output [B, heads, L, D] (1 unit) + its fp32 log-sum-exp
+
+# A streamed block's copy (2 bytes per weight) hides behind its forward (2 FLOPs per weight and token) when the step
+# has at least  matmul rate / copy rate  tokens: ~730 TFLOP/s / ~50 GB/s (H100/H200, pinned, offload.md) = 14,600.
+# Measured on the H100 (bench/RESULTS.md §1): streaming every block costs 33% at 4,608 tokens per step (batch 1 at
+# 1024²), 4% at 9,216 (batch 2) and nothing at 36,864 (batch 8).
+HIDE_TOKENS = 16384
 
 
 class PlanError(ValueError):
@@ -74,6 +93,9 @@ class Plan:
     world_size: int = 1          # fsdp2: ranks the blocks are sharded over
     cpu_offload: bool = True     # fsdp2: the shards live in host memory (else on the GPUs)
     compiled: bool = False       # prepare() compiled whole blocks (only when every block is resident)
+    kept: dict[str, list[int]] = field(default_factory=dict)   # "mlp" / "attention": the checkpointed blocks
+                                                               # keeping those outputs (selective checkpointing)
+    width: int | None = None     # the blocks' hidden size (what "mlp" outputs are recognised by)
 
     @property
     def slot_bytes(self) -> int:
@@ -113,7 +135,9 @@ class Plan:
             lines.append(f"  streamed: {blocks(self.streamed)} ({size(str_b)} in host memory) through a "
                          f"{self.ring_size}-slot GPU ring of {size(self.slot_bytes)} slots")
         plain = [i for i in range(n) if i not in set(self.checkpointed)]
+        kept = " and ".join(f"{o} output {len(k)}" for o, k in self.kept.items() if k)
         lines.append(f"  checkpointed: {len(self.checkpointed)} of {n} blocks"
+                     + (f"; kept instead of recomputed: {kept}" if kept else "")
                      + (f"; blocks [{_ranges(plain)}] keep their activations" if plain and self.checkpointed else ""))
         budget = "" if self.budget_bytes is None else f" of a {size(self.budget_bytes)} budget"
         over = self.budget_bytes is not None and self.peak_bytes > self.budget_bytes
@@ -158,15 +182,22 @@ def _stream_set(block_bytes: list[int], k: int) -> list[int]:
 
 def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_bytes_per_block_sample: int,
          batch_size: int, *, work_bytes_per_sample: int, keep_bytes_per_block_sample: int | None = None,
+         kept_bytes_per_block_sample: dict[str, int] | None = None, copies_hidden: bool = False,
          trainable_bytes: int = 0, strategy: str = "auto", train: bool = True, ring_size: int = 2,
          margin_bytes: int | None = None, world_size: int = 1) -> Plan:
-    """Decide resident / streamed / checkpointed blocks from byte counts (a pure function); batch_size is per rank.
+    """Decide resident / streamed / checkpointed blocks, and which outputs checkpointed blocks keep, from byte
+    counts (a pure function); batch_size is per rank.
 
     Estimated peak = root + resident blocks + ring (R x largest streamed block) + trainable x 4 (AdamW: parameter,
-    gradient, two moments) + B x (n_blocks x act + work) [+ B x (keep - act) per block left un-checkpointed].
-    `auto` keeps every block resident when that fits budget - margin (margin = min(3 GiB, 5% of the budget)), and
-    then spends what is left on skipping checkpointing for the last blocks (so does fsdp2); otherwise it streams the
-    fewest blocks that make it fit. Without autograd (train=False) nothing is saved and the optimizer holds no state.
+    gradient, two moments) + B x (n_blocks x act + work) [+ B x kept[o] per block keeping output o]
+    [+ B x (keep - act - sum(kept)) per block left un-checkpointed].
+    `auto` keeps every block resident when that fits budget - margin (margin = min(3 GiB, 5% of the budget));
+    otherwise it streams the fewest blocks that make it fit, and when copies hide behind compute (copies_hidden) as
+    many more as it takes for every block to keep the outputs of `kept` (in its order, as far as it goes).
+    What is left of the budget buys back recompute, in this order: checkpointed blocks keeping each output of
+    `kept` (ordered best value first; every strategy but none), then the last blocks skipping checkpointing
+    altogether (auto without streaming, fsdp2). Without a budget every checkpointed block keeps every output.
+    Without autograd (train=False) nothing is saved and the optimizer holds no state.
     fsdp2 gathers every block per use (two blocks at a time: the current one and the prefetched one); its shards
     (blocks + root over world_size ranks) stay on the GPU when they fit as well, else in host memory. At world
     size 1 that means sharding nothing, so there it always offloads: what asking for fsdp2 on one GPU is for."""
@@ -179,40 +210,60 @@ def plan(block_bytes: list[int], root_bytes: int, budget_bytes: int | None, act_
     fixed = root_bytes + (4 if train else 1) * trainable_bytes + B * work_bytes_per_sample
     if train:
         fixed += B * n * act_bytes_per_block_sample
+    # per block keeping that output, for the whole batch
+    tiers = {o: B * b for o, b in (kept_bytes_per_block_sample or {}).items()} if train and strategy != "none" else {}
 
-    def need(streamed: list[int]) -> int:      # estimated peak when these blocks stream
+    def need(streamed: list[int], kept_bytes: int = 0) -> int:   # estimated peak when these blocks stream
         ring = 0 if not streamed else (2 if strategy == "fsdp2" else ring_size) * max(block_bytes[i] for i in streamed)
-        return fixed + sum(block_bytes) - sum(block_bytes[i] for i in streamed) + ring
+        return fixed + sum(block_bytes) - sum(block_bytes[i] for i in streamed) + ring + kept_bytes
+
+    def fewest(kept_bytes: int) -> list[int] | None:              # the smallest stream set that fits, if any
+        return next((s for s in (_stream_set(block_bytes, k) for k in range(n + 1))
+                     if need(s, kept_bytes) <= budget_bytes - margin), None)
 
     streamed, checkpointed = [], everything if train and strategy != "none" else []
     if strategy in ("stream", "fsdp2"):
         streamed = everything
     elif strategy == "auto" and not fits and need([]) > budget_bytes - margin:
-        for k in range(1, n + 1):
-            streamed = _stream_set(block_bytes, k)
-            if need(streamed) <= budget_bytes - margin:
-                break
-        else:
+        streamed = fewest(0)
+        if streamed is None:
             raise PlanError(f"batch {B} does not fit a {_size(budget_bytes)} GPU even with every block streamed "
                             f"(needs ~{_size(need(everything) + margin)}): lower the batch size or resolution, or "
                             f"raise --gpu-memory-limit")
+        if copies_hidden:                   # more streaming costs nothing here; recomputing does
+            full = 0
+            for per_block in tiers.values():
+                more = fewest(full + n * per_block)
+                if more is None:
+                    break
+                streamed, full = more, full + n * per_block
     peak, cpu_offload = need(streamed), True
     if strategy == "fsdp2" and world_size > 1:
         shards = (sum(block_bytes) + root_bytes) // world_size
         cpu_offload = not fits and peak + shards > budget_bytes - margin
         peak += 0 if cpu_offload else shards
-    # what one block costs per batch when it keeps all its activations instead of only its input
-    extra = B * (keep_bytes_per_block_sample - act_bytes_per_block_sample) if keep_bytes_per_block_sample else 0
+    # spare memory buys back recompute: first the outputs worth most per byte, block by block...
+    kept, everyone = {}, True
+    for o, per_block in tiers.items():
+        k = len(checkpointed) if fits else max(0, min(len(checkpointed), (budget_bytes - margin - peak) // per_block))
+        kept[o], peak, everyone = k, peak + k * per_block, everyone and k == len(checkpointed)
+        if not everyone:
+            break
+    # ...then whole blocks that keep all their activations instead of only their input and kept outputs.
     # FSDP2 re-gathers a block for its backward either way, so its blocks may skip checkpointing too; our own ring
     # needs the checkpoint (the backward reads the weights the recompute bound)
-    if (strategy == "fsdp2" or strategy == "auto" and not streamed) and train and not fits and extra > 0:
-        plain = max(0, min(n, (budget_bytes - margin - peak) // extra))   # spare memory buys back the recompute
+    extra = B * (keep_bytes_per_block_sample - act_bytes_per_block_sample) - sum(tiers.values()) \
+        if keep_bytes_per_block_sample else 0
+    if (strategy == "fsdp2" or strategy == "auto" and not streamed) and train and not fits and extra > 0 \
+            and everyone:
+        plain = max(0, min(n, (budget_bytes - margin - peak) // extra))
         checkpointed, peak = everything[:n - plain], peak + plain * extra
+        kept = {o: n - plain for o in kept}
     if strategy == "none" and train:
         peak += n * extra
     return Plan(strategy, list(block_bytes), root_bytes, [i for i in everything if i not in set(streamed)], streamed,
                 checkpointed, ring_size, peak, budget_bytes, train, batch_size, world_size=world_size,
-                cpu_offload=cpu_offload)
+                cpu_offload=cpu_offload, kept={o: checkpointed[:k] for o, k in kept.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,18 +386,38 @@ class _Streamer:
 
 _COMPILED = {}   # one torch.compile per block class, shared by its blocks
 
+# The attention kernels F.scaled_dot_product_attention dispatches to (whichever exist in this torch build)
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}   # what F.linear runs: mm(x, W^T), addmm
+
+
+def _keep(kept: frozenset[str], min_k: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpoint policy: save what the kept ops return ("attention": the attention kernel; "mlp":
+    matmuls reducing over at least min_k), recompute everything else."""
+    save = "attention" in kept and op in _ATTENTION_OPS or \
+        "mlp" in kept and op in _MATMUL_OPS and args[-2].shape[-1] >= min_k     # mm(a, b), addmm(c, a, b): a [.., K]
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
 
 class _BlockForward:
     """Stands in for `block.forward`: binds streamed weights, then runs the block's own forward, checkpointed when
-    asked and autograd records. Module hooks (FSDP2's) stay outside, as with torchtitan's checkpoint_wrapper."""
+    asked and autograd records (keeping the outputs named in `kept`, see _keep). Module hooks (FSDP2's) stay outside, as
+    with torchtitan's checkpoint_wrapper."""
 
     def __init__(self, block: nn.Module, checkpointed: bool, streamer: _Streamer | None = None, rank: int = 0,
-                 compile: bool = False):
+                 compile: bool = False, kept: frozenset[str] = frozenset(), min_k: int = 0):
         self.block, self.checkpointed, self.streamer, self.rank = block, checkpointed, streamer, rank
         fn = type(block).forward
         if compile and fn not in _COMPILED:
             _COMPILED[fn] = torch.compile(fn)
         self.fn = _COMPILED[fn] if compile else fn
+        self.context = functools.partial(create_selective_checkpoint_contexts,
+                                         functools.partial(_keep, kept, min_k)) if kept else None
         self.in_forward = self.train = False
 
     def __call__(self, *args, **kwargs):
@@ -357,6 +428,8 @@ class _BlockForward:
         self.in_forward, self.train = True, grad and self.checkpointed
         try:
             if self.train:     # non-reentrant: block 0's LoRA gets gradients although its input does not need any
+                if self.context is not None:
+                    return checkpoint(self._run, *args, use_reentrant=False, context_fn=self.context, **kwargs)
                 return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
             return self._run(*args, **kwargs)
         finally:
@@ -436,6 +509,11 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _kept_by(p: Plan, i: int) -> tuple[frozenset[str], int]:
+    """What block i keeps instead of recomputing, and the reduction size that marks an "mlp" matmul."""
+    return frozenset(o for o, idx in p.kept.items() if i in idx), MLP_K * (p.width or 0)
+
+
 def _apply(model: nn.Module, blocks: list[nn.Module], p: Plan, device: torch.device, keep_host_copy: bool,
            compile: bool):
     """Move storage to where the plan says and install the block forwards (callable again with a new plan)."""
@@ -465,7 +543,8 @@ def _apply(model: nn.Module, blocks: list[nn.Module], p: Plan, device: torch.dev
         state.streamer = _Streamer([state.hosts[blocks[i]] for i in p.streamed], device, p.ring_size)
     rank, ckpt = {i: r for r, i in enumerate(p.streamed)}, set(p.checkpointed)
     for i, b in enumerate(blocks):
-        b.forward = _BlockForward(b, i in ckpt, state.streamer if i in rank else None, rank.get(i, 0), compile)
+        b.forward = _BlockForward(b, i in ckpt, state.streamer if i in rank else None, rank.get(i, 0), compile,
+                                  *_kept_by(p, i))
 
 
 def _free_port() -> int:
@@ -556,7 +635,7 @@ def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: tor
     for q in trainable:                 # FSDP neither moves nor casts ignored parameters
         _move(q, device)
     for i, b in enumerate(blocks):
-        b.forward = _BlockForward(b, i in ckpt, compile=compile)
+        b.forward = _BlockForward(b, i in ckpt, None, 0, compile, *_kept_by(p, i))
         fully_shard(b, ignored_params={q for q in b.parameters() if q.requires_grad}, **kw)
     fully_shard(model, ignored_params=set(trainable), **kw)
     state.fsdp, state.blocks, meta = True, list(blocks), any(q.is_meta for q in model.parameters())
@@ -609,10 +688,19 @@ def _budget(model: nn.Module, device: torch.device) -> int:
     return int(budget.item())
 
 
+def _kept_outputs(unit: int, width: int, tokens_per_sample: int) -> dict[str, int]:
+    """Bytes per block and sample of each output a checkpointed block may keep, best value first: recompute FLOPs
+    per element kept are 2K >= 2 x MLP_K x width for an MLP matmul, 4L for attention (L = tokens per sample)."""
+    outputs = {"mlp": (int(MLP_UNITS * unit), 2 * MLP_K * width), "attention": (int(ATTN_UNITS * unit),
+                                                                               4 * tokens_per_sample)}
+    return {o: b for o, (b, _) in sorted(outputs.items(), key=lambda kv: -kv[1][1])}
+
+
 def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device, batch_size: int,
              tokens_per_sample: int, train: bool = True, gpu_memory_limit: float | None = None,
-             ring_size: int = 2) -> Plan:
-    """The plan prepare() would apply, measured from the model (nothing is moved); batch_size is this rank's."""
+             ring_size: int = 2, selective: bool = True) -> Plan:
+    """The plan prepare() would apply, measured from the model (nothing is moved); batch_size is this rank's.
+    selective=False: checkpointed blocks keep nothing but their input (the report's plain checkpointing)."""
     device = _device(device)
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -631,15 +719,17 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
         strategy = "none" if strategy == "none" or not train else "checkpoint"
     out = plan(block_bytes, root_bytes, budget, SAVED_UNITS * unit, batch_size,
                work_bytes_per_sample=(WORK_UNITS if train else INFER_UNITS) * unit,
-               keep_bytes_per_block_sample=KEEP_UNITS * unit, trainable_bytes=trainable, strategy=strategy,
-               train=train, ring_size=ring_size, world_size=rank_world()[1])
-    out.strategy, out.tokens_per_sample = asked, tokens_per_sample
+               keep_bytes_per_block_sample=KEEP_UNITS * unit,
+               kept_bytes_per_block_sample=_kept_outputs(unit, width, tokens_per_sample) if selective else None,
+               copies_hidden=batch_size * tokens_per_sample >= HIDE_TOKENS, trainable_bytes=trainable,
+               strategy=strategy, train=train, ring_size=ring_size, world_size=rank_world()[1])
+    out.strategy, out.tokens_per_sample, out.width = asked, tokens_per_sample, width
     return out
 
 
 def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device, batch_size: int,
             tokens_per_sample: int, train: bool = True, gpu_memory_limit: float | None = None, ring_size: int = 2,
-            compile: bool = False, keep_host_copy: bool = False) -> Plan:
+            compile: bool = False, keep_host_copy: bool = False, selective: bool = True) -> Plan:
     """Place the model for training or inference: root and trainable parameters on `device`, each block resident,
     streamed or FSDP2-sharded, checkpointing when training; prints and returns the plan.
 
@@ -649,16 +739,20 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     resident, unless gpu_memory_limit (GiB) is given: then the plan runs on the CPU as it would on such a GPU, with
     synchronous copies (tests, dry runs). May be called again with another plan (not after fsdp2);
     keep_host_copy=True keeps host copies of blocks that become resident, so re-plans need no pinning.
+    selective=False: checkpointed blocks keep nothing but their input (see plan()).
     Under torchrun, fsdp2 shards over every rank (all ranks call this with the same arguments)."""
     device = _device(device)
-    p = plan_for(model, blocks, strategy=strategy, device=device, batch_size=batch_size,
-                 tokens_per_sample=tokens_per_sample, train=train, gpu_memory_limit=gpu_memory_limit,
-                 ring_size=ring_size)
+    kw = dict(strategy=strategy, device=device, batch_size=batch_size, tokens_per_sample=tokens_per_sample,
+              train=train, gpu_memory_limit=gpu_memory_limit, ring_size=ring_size)
+    p = plan_for(model, blocks, selective=selective, **kw)
     # Whole blocks are compiled only when every block is resident. Measured on the H100 (torch 2.11): compiled blocks
     # next to streamed ones gave NaN gradients, and compiled streamed blocks an illegal memory access in the
     # checkpoint recompute. A later H200 probe ran clean but only 1% faster than compiling the glue, which is what
     # the callers do for plans that move weights (flux2.fuse; bench/RESULTS.md §5.1).
     p.compiled = compile = compile and not p.streamed and strategy != "fsdp2"
+    if compile and any(p.kept.values()):  # compiled code hides its ops from the selective checkpoint's policy,
+        p = plan_for(model, blocks, selective=False, **kw)  # so spend that memory on whole blocks instead
+        p.compiled = True
     if strategy == "fsdp2":
         _apply_fsdp2(model, blocks, p, device, compile)
     else:

@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="GiB this run may use on the GPU: the planner's budget and a hard allocator cap, to rehearse a "
            "smaller card (default: what is free)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile whole blocks when the plan keeps them all resident, else the elementwise glue between "
-           "the matmuls (flux2.fuse) (default: on with CUDA)")
+      help="torch.compile the elementwise glue between the matmuls (flux2.fuse), with any plan (default: on with "
+           "CUDA)")
     a("--device", help="cuda or cpu (default: cuda when available)")
     a("--seed", type=int, default=0, help="data order, noise, timesteps, LoRA init; preview seeds are seed + i")
     a("--save-every", type=int, default=250, help="checkpoint every N steps (0: only at the end)")
@@ -418,9 +418,8 @@ def _train(args, device: torch.device) -> dict:
     compile = device.type == "cuda" if args.compile is None else args.compile
     plan = offload.prepare(model, model.blocks, strategy=strategy, device=device, batch_size=args.batch_size // world,
                            tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
-                           gpu_memory_limit=args.gpu_memory_limit,
-                           compile=compile)
-    flux2.fuse(compile and not plan.compiled)   # weights move (streamed or sharded): compile the glue, not the blocks
+                           gpu_memory_limit=args.gpu_memory_limit)
+    flux2.fuse(compile)      # the glue between the matmuls; whole blocks stay eager (bench/RESULTS.md §6 says why)
     if source.random:
         sample.fill_random(model, device)                        # values for the storage the plan allocated
     elif on_meta:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flux2
 import lora
@@ -151,6 +152,45 @@ def test_auto_spends_spare_memory_on_skipping_checkpoints_and_trains_like_the_pl
     assert_same_training(train(model), reference)
 
 
+class CountKeptOps(TorchDispatchMode):
+    """Counts the attention kernels and the matmuls reducing over >= 3 x width that actually run (what a selective
+    checkpoint kept does not reach it)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.attention = self.mlp = 0
+        self.min_k = offload.MLP_K * width
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.attention += func in offload._ATTENTION_OPS
+        self.mlp += func in offload._MATMUL_OPS and args[-2].shape[-1] >= self.min_k
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "stream"])
+def test_checkpointed_blocks_keep_mlp_and_attention_outputs_instead_of_recomputing_them(strategy, reference):
+    """With memory to spare every checkpointed block keeps what its attention kernel and its MLP down-projections
+    returned (selective checkpointing): the backward's recompute runs the block again without them, and the
+    training is the plain model's, step by step. selective=False recomputes them."""
+    counts = {}
+    for selective in (True, False):
+        model = tiny()
+        plan = prepare(model, strategy, selective=selective)
+        assert plan.kept == ({"mlp": [0, 1, 2, 3], "attention": [0, 1, 2, 3]} if selective else {})
+        assert ("kept instead of recomputed: mlp output 4 and attention output 4" in plan.describe()) == selective
+        x, target = batch(0)
+        loss, counter = F.mse_loss(model(*x), target), CountKeptOps(128)
+        with counter:
+            loss.backward()
+        counts[selective] = counter
+        model.zero_grad(set_to_none=True)
+        assert_same_training(train(model), reference)
+    assert (counts[True].attention, counts[False].attention) == (0, 4)          # one attention per block
+    # per double block img_mlp.2 and txt_mlp.2, per single block linear2 and its LoRA A (backward's own
+    # activation-gradient matmuls reducing over 2 x mlp width run either way)
+    assert counts[False].mlp - counts[True].mlp == 8
+
+
 def test_meta_model_gets_its_storage_in_place_and_trains_like_the_plain_model(reference):
     model, values = tiny(meta=True), tiny().state_dict()
     prepare(model, "stream")
@@ -266,7 +306,7 @@ MiB = 2**20
 _DEV = []
 
 
-def dev_plan(batch_size, side, limit_gib=79.0, strategy="auto"):
+def dev_plan(batch_size, side, limit_gib=79.0, strategy="auto", selective=True):
     """The plan for FLUX.2 [dev] (bf16, paper LoRA r16) at a given batch and resolution, on an 79 GiB budget."""
     if not _DEV:
         with torch.device("meta"):
@@ -274,39 +314,71 @@ def dev_plan(batch_size, side, limit_gib=79.0, strategy="auto"):
             lora.inject(_DEV[0], "paper", rank=16)
     model = _DEV[0]
     return offload.plan_for(model, model.blocks, strategy=strategy, device="cpu", batch_size=batch_size,
-                            tokens_per_sample=(side // 16) ** 2 + 512, gpu_memory_limit=limit_gib)
+                            tokens_per_sample=(side // 16) ** 2 + 512, gpu_memory_limit=limit_gib,
+                            selective=selective)
 
 
-def test_dev_1024_batch8_streams_the_fewest_single_blocks_evenly_spread():
-    p = dev_plan(8, 1024)
+def dev_fixed_bytes(p, batch_size, unit):
+    """Root + AdamW on the paper LoRA r16 (fp32, x4) + each sample's saved block inputs and working set."""
+    # per double block 2 streams x (qkv 6144->18432 + proj 6144->6144), per single block qkv rows of linear1
+    # (6144->18432) + linear2 (24576->6144)
+    lora_bytes = 16 * (8 * 2 * (6144 + 18432 + 6144 + 6144) + 48 * (6144 + 18432 + 24576 + 6144)) * 4
+    return p.root_bytes + 4 * lora_bytes + batch_size * (56 * offload.SAVED_UNITS + offload.WORK_UNITS) * unit
+
+
+def test_dev_1024_batch8_recomputing_attention_streams_the_fewest_single_blocks_evenly_spread():
+    p = dev_plan(8, 1024, selective=False)
     single, double = p.block_bytes[8], p.block_bytes[0]
     assert p.block_bytes == [double] * 8 + [single] * 48 and double == 2 * single
     unit = 4608 * 6144 * 2                                             # one block input: 4608 tokens x 6144 x bf16
     budget, margin = 79 * GiB, 3 * GiB
-    # LoRA r16, fp32, x4 for AdamW: per double block 2 streams x (qkv 6144->18432 + proj 6144->6144), per single
-    # block qkv rows of linear1 (6144->18432) + linear2 (24576->6144)
-    lora_bytes = 16 * (8 * 2 * (6144 + 18432 + 6144 + 6144) + 48 * (6144 + 18432 + 24576 + 6144)) * 4
-    fixed = p.root_bytes + 4 * lora_bytes + 8 * (56 * offload.SAVED_UNITS + offload.WORK_UNITS) * unit
+    fixed = dev_fixed_bytes(p, 8, unit)
     k = math.ceil((fixed + sum(p.block_bytes) + 2 * single - (budget - margin)) / single)   # ring: 2 single slots
     assert 0 < k <= 48 and p.streamed == sorted(p.streamed) and len(p.streamed) == k and min(p.streamed) >= 8
     gaps = {b - a for a, b in zip(p.streamed, p.streamed[1:])}
     assert max(gaps) - min(gaps) <= 1                                  # evenly spread among the single blocks
-    assert p.checkpointed == list(range(56)) and p.slot_bytes == single
+    assert p.checkpointed == list(range(56)) and p.kept == {} and p.slot_bytes == single
     assert p.peak_bytes <= budget - margin < p.peak_bytes + single     # one block fewer would not fit
     R = 2
     assert p.h2d_bytes_per_step == (k - R) * single * 2
     assert "streamed: %d of 56 blocks" % k in p.describe()
 
 
+def test_dev_1024_batch8_streams_more_blocks_so_that_every_block_keeps_its_mlp_output():
+    """36,864 tokens per step hide the copies (HIDE_TOKENS), so auto streams the fewest blocks with which all 56
+    checkpointed blocks also keep their MLP output (worth 2 x 3 x 6144 FLOPs per element kept, against attention's
+    4 x 4608): the 48 single blocks first, then double ones (whose size sets the ring slots). Attention outputs
+    too would not fit even with every block streamed, so what is left goes to as many of them as fit."""
+    p = dev_plan(8, 1024)
+    single, double = p.block_bytes[8], p.block_bytes[0]
+    unit = 4608 * 6144 * 2
+    assert 8 * 4608 >= offload.HIDE_TOKENS and list(p.kept) == ["mlp", "attention"]
+    available = 79 * GiB - 3 * GiB
+    mlp, attn = 8 * int(offload.MLP_UNITS * unit), 8 * int(offload.ATTN_UNITS * unit)     # per block, batch 8
+    fixed = dev_fixed_bytes(p, 8, unit) + 56 * mlp
+
+    def need(k):                                       # k blocks streamed, smallest first
+        moved = single * min(k, 48) + double * max(0, k - 48)
+        return fixed + sum(p.block_bytes) - moved + 2 * (double if k > 48 else single)
+    k = next(k for k in range(57) if need(k) <= available)
+    assert len(p.streamed) == k and need(k - 1) > available and need(56) + 56 * attn > available
+    with_attention = (available - need(k)) // attn
+    assert p.checkpointed == p.kept["mlp"] == list(range(56)) and p.kept["attention"] == list(range(with_attention))
+    assert p.peak_bytes == need(k) + with_attention * attn
+    assert len(p.streamed) > len(dev_plan(8, 1024, selective=False).streamed)
+    assert f"kept instead of recomputed: mlp output 56 and attention output {with_attention}" in p.describe()
+
+
 @pytest.mark.parametrize("side", [512, 1024])
-def test_dev_batch1_stays_resident_and_spends_spare_memory_on_skipping_checkpoints(side):
+def test_dev_batch1_stays_resident_and_spends_spare_memory_on_kept_outputs_then_on_skipping_checkpoints(side):
     p = dev_plan(1, side)
     assert p.streamed == [] and p.h2d_bytes_per_step == 0
     unit = ((side // 16) ** 2 + 512) * 6144 * 2
+    kept = int(offload.MLP_UNITS * unit) + int(offload.ATTN_UNITS * unit)
     budget, margin = 79 * GiB, 3 * GiB
-    resident = dev_plan(1, side, strategy="checkpoint").peak_bytes
-    plain = (budget - margin - resident) // ((offload.KEEP_UNITS - offload.SAVED_UNITS) * unit)
-    assert plain > 0 and p.checkpointed == list(range(56 - plain))
+    resident = dev_plan(1, side, strategy="checkpoint", selective=False).peak_bytes
+    plain = (budget - margin - resident - 56 * kept) // ((offload.KEEP_UNITS - offload.SAVED_UNITS) * unit - kept)
+    assert plain > 0 and p.checkpointed == p.kept["mlp"] == p.kept["attention"] == list(range(56 - plain))
     assert p.peak_bytes <= budget - margin
 
 
@@ -339,3 +411,24 @@ def test_plan_arithmetic_on_round_numbers():
     assert p.checkpointed == [] and p.peak_bytes == MiB + MiB // 4 + 2 * MiB + 14 * MiB
     with pytest.raises(ValueError, match="choose one of"):
         offload.plan(blocks, MiB, None, 0, 1, strategy="zero3", **kw)
+    # keeping a block's MLP output costs 2 x 1/8 = 0.25 MiB, its attention output 2 x 1/4 = 0.5 MiB: spare memory
+    # goes to them first, in that order, block by block...
+    kw["kept_bytes_per_block_sample"] = {"mlp": MiB // 8, "attention": MiB // 4}
+    assert offload.plan(blocks, MiB, budget(19.9 * MiB), MiB // 8, 2, **kw).kept == {"mlp": [0, 1]}
+    p = offload.plan(blocks, MiB, budget(21.7 * MiB), MiB // 8, 2, **kw)
+    assert p.checkpointed == p.kept["mlp"] == [0, 1, 2, 3, 4] and p.kept["attention"] == [0, 1]
+    assert p.peak_bytes == int(21.5 * MiB)
+    # ...then to whole blocks, which now cost 2 x (2 - 1/8) - 0.75 = 3 MiB more than keeping both outputs
+    assert offload.plan(blocks, MiB, budget(25.9 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3, 4]
+    p = offload.plan(blocks, MiB, budget(26.0 * MiB), MiB // 8, 2, **kw)
+    assert p.checkpointed == p.kept["mlp"] == p.kept["attention"] == [0, 1, 2, 3] and p.peak_bytes == 26 * MiB
+    # 2 MiB short, as above: streaming four blocks fits but leaves nothing to keep; when copies hide behind
+    # compute, streaming the fifth too frees 4 MiB (the ring stays 2 x 4), enough for both outputs of all five
+    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, **kw)
+    assert p.streamed == [1, 2, 3, 4] and not any(p.kept.values())
+    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, copies_hidden=True, **kw)
+    assert p.streamed == [0, 1, 2, 3, 4] and p.kept == {"mlp": [0, 1, 2, 3, 4], "attention": [0, 1, 2, 3, 4]}
+    assert p.peak_bytes == int((17.25 - 4 + 1.25 + 2.5) * MiB)
+    # no budget (a CPU run): every checkpointed block keeps both; no checkpointing, nothing to keep
+    assert offload.plan(blocks, MiB, None, MiB // 8, 2, strategy="checkpoint", **kw).kept["attention"] == [0, 1, 2, 3, 4]
+    assert offload.plan(blocks, MiB, None, MiB // 8, 2, strategy="none", **kw).kept == {}

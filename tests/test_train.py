@@ -142,10 +142,11 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch, capsys, straigh
     assert log_losses(straight["out"]) == log_losses(resumed["out"])
 
 
-def test_compile_with_streamed_weights_fuses_the_glue_and_trains_the_same(tmp_path, straight):
-    """--compile on a plan that streams: the blocks stay eager and flux2.fuse compiles the glue; in fp32 the run
-    follows the eager one to rounding."""
-    fused = train.train(args_for(tmp_path, *RUN, "--compile", "--offload", "stream", "--gpu-memory-limit", "1"))
+@pytest.mark.parametrize("placement", [("--offload", "stream", "--gpu-memory-limit", "1"), ()])
+def test_compile_fuses_the_glue_and_trains_the_same(tmp_path, straight, placement):
+    """--compile, with streamed weights or every block resident: the blocks stay eager and flux2.fuse compiles the
+    glue; in fp32 the run follows the eager one to rounding."""
+    fused = train.train(args_for(tmp_path, *RUN, "--compile", *placement))
     try:
         assert flux2._FUSED                                                  # the glue is compiled
         assert log_losses(fused["out"]) == pytest.approx(log_losses(straight["out"]), rel=1e-4)
