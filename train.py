@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
            "logit-normal = the same shift on sigmoid(N(0,1)), uniform = U(0,1) as the diffusers trainer")
     a("--guidance", type=float, default=4.0, help="guidance value fed to the guidance embedder while training")
     a("--offload", choices=offload.STRATEGIES, default="auto",
-      help="block placement (offload.py): auto = resident if everything fits, else stream the fewest blocks")
+      help="block placement (offload.py): auto = resident if everything fits, else stream the fewest blocks (more "
+           "when the batch hides the copies); spare memory keeps MLP and attention outputs, then skips checkpoints")
     a("--gpu-memory-limit", type=float,
       help="GiB this run may use on the GPU: the planner's budget and a hard allocator cap, to rehearse a "
            "smaller card (default: what is free)")
