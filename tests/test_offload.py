@@ -270,6 +270,7 @@ def test_fsdp2_on_gloo_trains_like_the_plain_model(reference):
             trainable = [p for p in model.parameters() if p.requires_grad]
             plan = prepare(model, "fsdp2", gpu_memory_limit=None)
             assert plan.streamed == [0, 1, 2, 3] and plan.checkpointed == [0, 1, 2, 3]
+            assert plan.kept == {"mlp": [0, 1, 2, 3], "attention": [0, 1, 2, 3]}   # selective checkpoints in FSDP2
             assert all(isinstance(p, DTensor) for p in model.blocks[0].parameters() if not p.requires_grad)
             assert [id(p) for p in model.parameters() if p.requires_grad] == [id(p) for p in trainable]   # same objects
             assert not any(isinstance(p, DTensor) for p in trainable)
