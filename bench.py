@@ -16,7 +16,8 @@ L = 56 blocks):
     executed work  6·N·T + 4.5·A   adds the checkpoint recompute (2·N·T + A) and FlashAttention's recompute of the
                                    scores in backward (0.5·A);                HFU = executed work / (s/step · peak)
 LoRA (~0.2% of N) and the embedders / final layer are left out. Peak = the card's measured bf16 matmul rate:
-H100 798, H200 788 TFLOP/s (flux2.PEAK_BF16_FLOPS: 8192³ bf16 matmuls measured on those cards); --peak-tflops overrides.
+H100 798, H200 788 TFLOP/s (flux2.PEAK_BF16_FLOPS: 8192³ bf16 matmuls measured on those cards); --peak-tflops
+overrides.
 
 Runs go in this order, each skipped when the time budget would not cover it: the diffusers baseline (resident,
 batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024

@@ -391,8 +391,6 @@ _ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(torch.ops.aten, name)}
-
-
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}   # what F.linear runs: mm(x, W^T), addmm
 
 
@@ -406,8 +404,8 @@ def _keep(kept: frozenset[str], min_k: int, ctx, op, *args, **kwargs) -> Checkpo
 
 class _BlockForward:
     """Stands in for `block.forward`: binds streamed weights, then runs the block's own forward, checkpointed when
-    asked and autograd records (keeping the outputs named in `kept`, see _keep). Module hooks (FSDP2's) stay outside, as
-    with torchtitan's checkpoint_wrapper."""
+    asked and autograd records (keeping the outputs named in `kept`, see _keep). Module hooks (FSDP2's) stay
+    outside, as with torchtitan's checkpoint_wrapper."""
 
     def __init__(self, block: nn.Module, checkpointed: bool, streamer: _Streamer | None = None, rank: int = 0,
                  compile: bool = False, kept: frozenset[str] = frozenset(), min_k: int = 0):
@@ -428,9 +426,8 @@ class _BlockForward:
         self.in_forward, self.train = True, grad and self.checkpointed
         try:
             if self.train:     # non-reentrant: block 0's LoRA gets gradients although its input does not need any
-                if self.context is not None:
-                    return checkpoint(self._run, *args, use_reentrant=False, context_fn=self.context, **kwargs)
-                return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
+                selective = {"context_fn": self.context} if self.context else {}
+                return checkpoint(self._run, *args, use_reentrant=False, **selective, **kwargs)
             return self._run(*args, **kwargs)
         finally:
             self.in_forward = False
