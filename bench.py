@@ -21,12 +21,13 @@ overrides.
 
 Runs go in this order, each skipped when the time budget would not cover it: the diffusers baseline (resident,
 batch <= 2; built first so the two models never share the GPU), then ours: 8x1024 auto and stream, 1x1024
-resident, the other eager runs as listed, the +compile runs, then FSDP2 (its own model; ours is freed first). Our
+resident, the other eager runs as listed, the +fuse runs, then FSDP2 (its own model; ours is freed first). Our
 model is built once and re-planned per run, keeping host copies, so host memory is pinned once. `--runs` gives an
-explicit list instead (8x1024:auto+fuse,...), run in that order. A strategy's suffixes: +compile compiles whole
-blocks (resident plans only), +fuse compiles the glue between the matmuls (flux2.fuse; any plan), +recompute makes
-checkpointed blocks recompute their attention as well (the report's plain checkpointing; by default the planner
-lets them keep its output when memory allows, offload.plan). results.json and
+explicit list instead (8x1024:auto+fuse,...), run in that order. A strategy's suffixes: +fuse compiles the glue
+between the matmuls (flux2.fuse, what train.py --compile does), +recompute makes checkpointed blocks recompute
+everything (the report's plain checkpointing; by default the planner lets them keep their MLP and attention
+outputs when memory allows, offload.plan). Whole compiled blocks are for inference only (--forward-only
+--compile): training retired them (bench/RESULTS.md §6). results.json and
 results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
 """
 import os
@@ -179,7 +180,7 @@ class Ours:
                                 train=train, gpu_memory_limit=self.args.gpu_memory_limit,
                                 selective=selective)
 
-    def prepare(self, strategy: str, batch: int, side: int, compile: bool, train: bool = True,
+    def prepare(self, strategy: str, batch: int, side: int, compile: bool = False, train: bool = True,
                 selective: bool = True) -> offload.Plan:
         plan = offload.prepare(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy), device=self.device,
                                batch_size=batch, tokens_per_sample=tokens(side, self.args.txt_len), train=train,
@@ -261,9 +262,9 @@ def parse_runs(text: str) -> list[tuple[int, int, str]]:
 
 def schedule(configs, strategies, diffusers: bool) -> list[tuple[int, int, str]]:
     """Diffusers first (so the two models never share the GPU), then ours: the headline runs, the other eager runs,
-    the compiled runs (compile time is the least predictable), FSDP2 last (its own model); else as listed."""
+    the fused runs (compile time is the least predictable), FSDP2 last (its own model); else as listed."""
     runs = [(b, s, k) for b, s in configs for k in strategies]
-    runs.sort(key=lambda r: (r[2].startswith("fsdp2"), "+compile" in r[2],
+    runs.sort(key=lambda r: (r[2].startswith("fsdp2"), "+fuse" in r[2],
                              HEADLINE.index(r) if r in HEADLINE else len(HEADLINE)))
     base = [(b, s, "diffusers") for b, s in sorted(configs, key=lambda c: (c != (1, 1024), c)) if b <= 2]
     return (base if diffusers else []) + runs
@@ -308,6 +309,9 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
     results, live, pin_rate = [], {}, 1.0 * GiB     # pin rate: re-measured from the first host copies
     runs = parse_runs(args.runs) if args.runs else \
         schedule(parse_configs(args.configs), args.strategies.split(","), args.diffusers_baseline)
+    if args.compile or any("+compile" in k for _, _, k in runs):
+        raise SystemExit("bench.py: whole-block compile is for --forward-only; training runs compile the glue "
+                         "(+fuse), as train.py --compile does (bench/RESULTS.md §6)")
     print(f"{len(runs)} runs: " + ", ".join(f"{b}x{s}:{k}" for b, s, k in runs), flush=True)
 
     def model_for(family: str):
@@ -320,8 +324,8 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
 
     for b, side, strategy in runs:
         kind, *mods = strategy.split("+")
-        compile, selective = "compile" in mods or args.compile, "recompute" not in mods
-        flux2.fuse("fuse" in mods)
+        fuse, selective = "fuse" in mods, "recompute" not in mods
+        flux2.fuse(fuse)
         family = kind if kind in ("diffusers", "fsdp2") else "ours"
         steps, cfg = args.big_batch_steps if b >= 4 else args.steps, flux2.PRESETS[args.preset]
         work = flops(cfg, b, side, args.txt_len)[1]
@@ -351,13 +355,12 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
                 to_pin = sum(plan.block_bytes) + plan.root_bytes if family == "fsdp2" and fresh else \
                     max(0, sum(plan.block_bytes[i] for i in plan.streamed) - have) if family == "ours" else 0
                 if time.time() + estimate_s(plan, work, args.warmup + steps, args, to_pin, pin_rate) \
-                        + 60 * compile > deadline:
+                        + 60 * fuse > deadline:
                     r["status"] = "skipped: time budget"
                     continue
                 t0 = time.time()
                 if family == "ours" or fresh:      # FSDP2 shards once; later runs only change the batch
-                    applied = model.prepare(kind, b, side, compile, selective=selective)
-                    r["plan"] = applied.describe()   # +compile re-plans without selective checkpointing
+                    model.prepare(kind, b, side, selective=selective)
                 r["prepare_s"] = time.time() - t0
                 pinned = offload.stats(model.model)["host_copy_bytes"] - have
                 if pinned > GiB:
@@ -429,10 +432,9 @@ def main(argv=None):
     p.add_argument("--configs", default=None,
                    help="batch x side in pixels, comma-separated (default 8x1024,1x1024,1x512,2x1024; forward-only "
                         "1x1024,1x512)")
-    p.add_argument("--strategies", default="auto,stream,resident,auto+compile,fsdp2",
-                   help="resident | stream | auto | fsdp2, each optionally +compile (torch.compile whole blocks; "
-                        "resident plans only) or +fuse (flux2.fuse: compiled elementwise glue, any plan), and "
-                        "+recompute (checkpointed blocks recompute attention too)")
+    p.add_argument("--strategies", default="auto,stream,resident,auto+fuse,fsdp2",
+                   help="resident | stream | auto | fsdp2, each optionally +fuse (flux2.fuse: compiled elementwise "
+                        "glue) and +recompute (checkpointed blocks keep no MLP or attention outputs)")
     p.add_argument("--runs", default=None,
                    help="explicit runs in this order, BxSIDE:STRATEGY comma-separated (8x1024:auto+fuse,"
                         "1x512:diffusers); replaces --configs x --strategies")
@@ -442,7 +444,7 @@ def main(argv=None):
     p.add_argument("--big-batch-steps", type=int, default=2, help="timed steps at batch >= 4")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--time-budget", type=float, default=530, help="seconds; runs that would not fit are skipped")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block (all runs)")
+    p.add_argument("--compile", action="store_true", help="with --forward-only: torch.compile whole blocks")
     p.add_argument("--gpu-memory-limit", type=float, default=None,
                    help="GiB the planner may use, also enforced as an allocator cap (default: free)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by card name)")

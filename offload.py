@@ -92,7 +92,7 @@ class Plan:
     tokens_per_sample: int | None = None
     world_size: int = 1          # fsdp2: ranks the blocks are sharded over
     cpu_offload: bool = True     # fsdp2: the shards live in host memory (else on the GPUs)
-    compiled: bool = False       # prepare() compiled whole blocks (only when every block is resident)
+    compiled: bool = False       # prepare() compiled whole blocks (inference with every block resident)
     kept: dict[str, list[int]] = field(default_factory=dict)   # "mlp" / "attention": the checkpointed blocks
                                                                # keeping those outputs (selective checkpointing)
     width: int | None = None     # the blocks' hidden size (what "mlp" outputs are recognised by)
@@ -610,7 +610,7 @@ def sum_gradients(params: list[Tensor]):
         g.copy_(r.view_as(g))
 
 
-def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: torch.device, compile: bool):
+def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: torch.device):
     """fully_shard every block, then the root, over all ranks, with CPU offload when the plan says so; LoRA stays a
     plain GPU parameter (ignored_params)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -632,7 +632,7 @@ def _apply_fsdp2(model: nn.Module, blocks: list[nn.Module], p: Plan, device: tor
     for q in trainable:                 # FSDP neither moves nor casts ignored parameters
         _move(q, device)
     for i, b in enumerate(blocks):
-        b.forward = _BlockForward(b, i in ckpt, None, 0, compile, *_kept_by(p, i))
+        b.forward = _BlockForward(b, i in ckpt, None, 0, False, *_kept_by(p, i))
         fully_shard(b, ignored_params={q for q in b.parameters() if q.requires_grad}, **kw)
     fully_shard(model, ignored_params=set(trainable), **kw)
     state.fsdp, state.blocks, meta = True, list(blocks), any(q.is_meta for q in model.parameters())
@@ -739,21 +739,18 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     selective=False: checkpointed blocks keep nothing but their input (see plan()).
     Under torchrun, fsdp2 shards over every rank (all ranks call this with the same arguments)."""
     device = _device(device)
-    kw = dict(strategy=strategy, device=device, batch_size=batch_size, tokens_per_sample=tokens_per_sample,
-              train=train, gpu_memory_limit=gpu_memory_limit, ring_size=ring_size)
-    p = plan_for(model, blocks, selective=selective, **kw)
-    # Whole blocks are compiled only when every block is resident. Measured on the H100 (torch 2.11): compiled blocks
-    # next to streamed ones gave NaN gradients, and compiled streamed blocks an illegal memory access in the
-    # checkpoint recompute. A later H200 probe ran clean but only 1% faster than compiling the glue, which is what
-    # the callers do for plans that move weights (flux2.fuse; bench/RESULTS.md §5.1).
-    p.compiled = compile = compile and not p.streamed and strategy != "fsdp2"
-    if compile and any(p.kept.values()):  # compiled code hides its ops from the selective checkpoint's policy,
-        p = plan_for(model, blocks, selective=False, **kw)  # so spend that memory on whole blocks instead
-        p.compiled = True
+    p = plan_for(model, blocks, strategy=strategy, device=device, batch_size=batch_size,
+                 tokens_per_sample=tokens_per_sample, train=train, gpu_memory_limit=gpu_memory_limit,
+                 ring_size=ring_size, selective=selective)
+    # Whole blocks are compiled for inference only, and only when every block is resident (sample.py). In training
+    # they failed three times (NaN gradients and illegal memory accesses next to streamed weights, a cuDNN attention
+    # crash: bench/RESULTS.md §1, §6) and hide their ops from the selective checkpoint; training compiles the glue
+    # between the matmuls instead (flux2.fuse).
+    p.compiled = compile and not train and not p.streamed and strategy != "fsdp2"
     if strategy == "fsdp2":
-        _apply_fsdp2(model, blocks, p, device, compile)
+        _apply_fsdp2(model, blocks, p, device)
     else:
-        _apply(model, blocks, p, device, keep_host_copy, compile)
+        _apply(model, blocks, p, device, keep_host_copy, p.compiled)
     if rank_world()[0] == 0:                # one copy of the plan in a torchrun log, not one per rank
         print(p.describe(), flush=True)
     return p

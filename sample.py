@@ -36,8 +36,10 @@ import flux2
 import lora
 import offload
 import text_encoder
-from flux2 import AE_PRESETS, PRESETS, AutoEncoder, Flux2, LoadError, image_ids, pack, text_ids, unpack
+import vae
+from flux2 import PRESETS, Flux2, LoadError, image_ids, pack, text_ids, unpack
 from text_encoder import TEXT_PRESETS, MistralEncoder, Tokenizer
+from vae import AE_PRESETS, AutoEncoder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,9 +189,10 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torc
             m.text_encoder = _tiny(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), seed + 2).to(device, dtype)
         else:
             m.tokenizer = Tokenizer(paths["tokenizer"])
-            if m.tokenizer.family != text_encoder.text_family(paths["text"]):
-                raise LoadError(f"{paths['tokenizer']}: a {m.tokenizer.family} tokenizer next to a "
-                                f"{text_encoder.text_family(paths['text'])} text encoder; use the snapshot's own tokenizer/")
+            family = text_encoder.text_family(paths["text"])
+            if m.tokenizer.family != family:
+                raise LoadError(f"{paths['tokenizer']}: a {m.tokenizer.family} tokenizer next to a {family} text "
+                                f"encoder; use the snapshot's own tokenizer/")
             m.text_encoder = text_encoder.load_text_encoder(paths["text"], text_layers, device=device, dtype=dtype)
     if "dit" in parts:
         at = dit_device or device
@@ -197,7 +200,7 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torc
             flux2.load_flux2(paths["dit"], device=at, dtype=dtype)
     if "ae" in parts:
         m.ae = _tiny(lambda: AutoEncoder(AE_PRESETS["tiny"]), seed + 1).to(device, ae_dtype) if tiny else \
-            flux2.load_ae(paths["ae"], device=device, dtype=ae_dtype)
+            vae.load_ae(paths["ae"], device=device, dtype=ae_dtype)
     for module in (m.dit, m.ae, m.text_encoder):
         if module is not None:
             module.eval().requires_grad_(False)
@@ -457,8 +460,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Sample FLUX.2 [dev] / [klein] images, optionally with a LoRA and "
-                                            "reference images.")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Sample FLUX.2 [dev] / [klein] images, "
+                                "optionally with a LoRA and reference images.")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompts", type=Path, help="a text file with one prompt per line (seeds count up from --seed)")
     p.add_argument("--from-png", type=Path, help="take every setting from a PNG written by this script; "
@@ -522,15 +525,16 @@ def _settings(args) -> dict:
 
 
 def placed_dit(model_dir, *, tiny: bool, device, dtype, lora_file=None, lora_scale: float = 1.0, strategy="auto",
-               tokens: int, gpu_memory_limit=None, compile: bool = False) -> tuple[Flux2, offload.Plan]:
-    """The DiT for sampling with the LoRA, placed by offload.prepare (which prints the plan). A snapshot's DiT is built
-    on meta, takes the LoRA's adapters (shapes only), is placed, and only then read from the memory-mapped files
-    into its places, one tensor at a time: the whole DiT never sits in host memory. Then the adapters' values."""
+               tokens: int, rows: int = 1, gpu_memory_limit=None, compile: bool = False) -> tuple[Flux2, offload.Plan]:
+    """The DiT for sampling with the LoRA, placed by offload.prepare (which prints the plan) for forwards of `rows`
+    samples of `tokens` tokens (2 rows with CFG). A snapshot's DiT is built on meta, takes the LoRA's adapters
+    (shapes only), is placed, and only then read from the memory-mapped files into its places, one tensor at a
+    time: the whole DiT never sits in host memory. Then the adapters' values."""
     dit = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("dit",),
                       dit_device="cpu" if tiny else "meta").dit
     if lora_file:
         lora.load(dit, lora_file, scale=lora_scale)        # on meta: creates the adapters, so the plan places them
-    plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=device, batch_size=1, tokens_per_sample=tokens,
+    plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=device, batch_size=rows, tokens_per_sample=tokens,
                            train=False, gpu_memory_limit=gpu_memory_limit, compile=compile)
     if not tiny:
         flux2.load_flux2_into(dit, snapshot_paths(model_dir)["dit"])
@@ -563,7 +567,8 @@ def run(args) -> list[Path]:
     compile = device.type == "cuda" if args.compile is None else args.compile
     models.dit, plan = placed_dit(model_dir, tiny=tiny, device=device, dtype=dtype, lora_file=s.get("lora"),
                                   lora_scale=s["lora_scale"], strategy=args.offload, tokens=tokens,
-                                  gpu_memory_limit=args.gpu_memory_limit, compile=compile)
+                                  rows=1 if txt_uncond is None else 2, gpu_memory_limit=args.gpu_memory_limit,
+                                  compile=compile)
     flux2.fuse(compile and not plan.compiled)      # weights streamed: compile the glue between the matmuls instead
 
     # 3. sample and decode, one image at a time

@@ -251,7 +251,8 @@ def read_prompts(path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every one can also be given as a key of --config FILE.toml."""
-    p = argparse.ArgumentParser(formatter_class=sample.HelpFormatter, description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
+    p = argparse.ArgumentParser(formatter_class=sample.HelpFormatter,
+                                description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")

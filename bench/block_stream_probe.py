@@ -1,7 +1,8 @@
 """Probe: whole-block torch.compile together with the ring streamer, at FLUX.2 [dev] size, batch 8 at 1024², 80 GiB.
 
-offload.prepare refuses this combination (on the H100 in session 1 it gave NaN gradients / an illegal memory access),
-so this script goes past the guard with offload._apply. It prints per-step time, loss, whether the LoRA parameters
+offload.prepare refuses this combination (whole blocks compile for inference only: in training on the H100 they
+gave NaN gradients / an illegal memory access), so this script goes past the guard with offload._apply, on the
+plain-checkpoint plan of that time (selective=False: compiled code hides its ops from the selective policy). It prints per-step time, loss, whether the LoRA parameters
 stay finite, and peak memory. bench/RESULTS.md §5.1 has its output; compare the losses with bench.py's
 8x1024:auto+fuse run (same seeds, same inputs).
 
@@ -20,7 +21,8 @@ cfg = flux2.PRESETS["dev"]
 with torch.device("meta"):
     model = flux2.Flux2(cfg).to(torch.bfloat16).requires_grad_(False)
     params = lora.inject(model, "paper", rank=16)
-p = offload.plan_for(model, model.blocks, device=dev, batch_size=8, tokens_per_sample=4608, gpu_memory_limit=80)
+p = offload.plan_for(model, model.blocks, device=dev, batch_size=8, tokens_per_sample=4608, gpu_memory_limit=80,
+                     selective=False)
 print(p.describe(), flush=True)
 offload._apply(model, model.blocks, p, dev, False, compile=True)
 fill_random(model, dev)

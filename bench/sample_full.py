@@ -2,7 +2,7 @@
 `python bench/sample_full.py [--compile]`). Times the text encoder (embeddings + 30 layers), the 50 DiT steps, the decode."""
 import gc, json, os, sys, time, torch
 sys.path.insert(0, os.getcwd())
-import flux2, sample, offload, text_encoder
+import flux2, sample, offload, text_encoder, vae
 from bench import fill_random
 dev, out = torch.device("cuda"), os.environ.get("OUT", "/tmp")
 res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -22,7 +22,7 @@ t0 = sync_time(); txt = sample.encode_text(models, ["a red fox in the snow, gold
 res["text_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 sample.free_text_encoder(models); del text; gc.collect(); torch.cuda.empty_cache()
 models.dit = build(flux2.Flux2, flux2.PRESETS["dev"], torch.bfloat16)
-models.ae = build(flux2.AutoEncoder, flux2.AE_PRESETS["flux2"], torch.float32)
+models.ae = build(vae.AutoEncoder, vae.AE_PRESETS["flux2"], torch.float32)
 with torch.no_grad():
     for n, b in models.ae.named_buffers():
         if n.endswith("running_var"): b.fill_(1.0)

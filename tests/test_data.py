@@ -9,7 +9,8 @@ from PIL import Image
 
 import data
 from data import DataError
-from flux2 import AE_PRESETS, AutoEncoder, LoadError
+from flux2 import LoadError
+from vae import AE_PRESETS, AutoEncoder
 
 RES = 32  # tiny crops keep the tiny autoencoder fast
 

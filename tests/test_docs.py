@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "how-it-works.md"
-MODULES = ("flux2", "lora", "offload", "data", "train", "sample", "bench")
+MODULES = ("flux2", "vae", "text_encoder", "lora", "offload", "data", "train", "sample", "bench")
 FILE_SUFFIXES = {"py", "md", "safetensors", "json", "jsonl", "png", "pt", "txt"}   # `train.py` is a file, not code
 REF = re.compile(rf"^({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)$")
 
@@ -43,7 +43,7 @@ def headings(path: Path) -> set[str]:
 def test_guide_code_references_resolve():
     refs = code_references(GUIDE.read_text(encoding="utf-8"))
     assert len(refs) >= 30, f"only {len(refs)} code references found"
-    assert {m for m, _ in refs} >= {"flux2", "lora", "offload", "data", "train", "sample"}
+    assert {m for m, _ in refs} >= {"flux2", "vae", "text_encoder", "lora", "offload", "data", "train", "sample"}
     broken = []
     for module, qualname in sorted(set(refs)):
         try:

@@ -242,7 +242,7 @@ def test_klein_lora_loads_in_diffusers_and_dev_lora_is_refused(klein, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Training on klein snapshots
 
-def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path):
+def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path, capsys):
     _, root = klein
     base = tmp_path / "FLUX.2-klein-base-tiny"
     base.mkdir()
@@ -257,6 +257,12 @@ def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000001.png"]
     source = sample.ModelSource("dev", base, "cpu")
     assert data.text_path(tmp_path / "cache", "", source.text_id).is_file()     # the CFG negative, cached
+    capsys.readouterr()
+    png = tmp_path / "base.png"                 # sample.py: CFG 4.0 by default, both rows in each forward
+    assert sample.main(["--model-dir", str(base), "--prompt", "a red circle", "--width", "32", "--height", "32",
+                        "--steps", "2", "--seed", "1", "--device", "cpu", "--out", str(png)]) == 0
+    assert "for inference, batch 2 x" in capsys.readouterr().out           # the plan counts both rows
+    assert sample.read_png_settings(png)["cfg"] == 4.0
     distilled = tmp_path / "FLUX.2-klein-tiny"
     distilled.symlink_to(base)
     with pytest.warns(UserWarning, match="step-distilled FLUX.2 \\[klein\\].*klein base"):

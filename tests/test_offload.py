@@ -119,12 +119,13 @@ def test_auto_streams_some_single_blocks_and_trains_like_the_plain_model():
     assert_same_training(train(model, cfg=TINY6), ref)
 
 
-def test_whole_blocks_compile_only_when_every_block_is_resident():
-    """prepare(compile=True) compiles whole blocks for resident plans and says so in Plan.compiled; plans that move
-    weights stay uncompiled (the callers fuse the glue instead: flux2.fuse)."""
-    assert prepare(tiny(), "checkpoint", compile=True).compiled
-    assert not prepare(tiny(), "stream", compile=True).compiled
-    assert not prepare(tiny(), "checkpoint", compile=False).compiled
+def test_whole_blocks_compile_only_for_inference_with_every_block_resident():
+    """prepare(compile=True) compiles whole blocks for a resident inference plan (sample.py) and says so in
+    Plan.compiled; training plans and plans that move weights stay uncompiled (callers fuse the glue: flux2.fuse)."""
+    assert prepare(tiny(), "checkpoint", compile=True, train=False).compiled
+    assert not prepare(tiny(), "checkpoint", compile=True).compiled                 # training
+    assert not prepare(tiny(), "stream", compile=True, train=False).compiled
+    assert not prepare(tiny(), "checkpoint", compile=False, train=False).compiled
 
 
 def test_fused_glue_trains_like_eager_with_streamed_weights(reference):

@@ -27,7 +27,7 @@ from flux2 import LoadError
 # The tiny DiT preset's sizes (flux2.PRESETS["tiny"]) as a diffusers config; its context 192 = 3 layers x 64.
 DIT = dict(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
            joint_attention_dim=192, axes_dims_rope=(8, 8, 8, 8), mlp_ratio=3.0, guidance_embeds=True)
-# 4 levels of 32 channels: x8 down, 32 latent channels -> 128 packed, like flux2.AE_PRESETS["tiny"]
+# 4 levels of 32 channels: x8 down, 32 latent channels -> 128 packed, like vae.AE_PRESETS["tiny"]
 VAE = dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=32, norm_num_groups=32,
            sample_size=64)

@@ -17,6 +17,7 @@ import lora
 import sample
 import text_encoder
 import train
+import vae
 from flux2 import image_ids, pack, text_ids, unpack
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy"
@@ -323,7 +324,7 @@ def test_dev_random_builds_full_size_shapes_with_random_values(tmp_path, monkeyp
     placed the meta-built DiT, and trains; here the presets are swapped for the tiny ones so it runs on a CPU."""
     import flux2
     monkeypatch.setitem(flux2.PRESETS, "dev", flux2.PRESETS["tiny"])
-    monkeypatch.setitem(flux2.AE_PRESETS, "flux2", flux2.AE_PRESETS["tiny"])
+    monkeypatch.setitem(vae.AE_PRESETS, "flux2", vae.AE_PRESETS["tiny"])
     monkeypatch.setitem(text_encoder.TEXT_PRESETS, "mistral-small-3.2", text_encoder.TEXT_PRESETS["tiny"])
     args = train.parse_args(["--data", str(TOY), "--model", "dev-random", "--out", str(tmp_path / "out"),
                              "--cache-dir", str(tmp_path / "cache"), "--resolution", "32", "--steps", "2",

@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 from safetensors.torch import save_file
 
-from flux2 import AE_PRESETS, AEConfig, AutoEncoder, LoadError, image_ids, load_ae, pack, text_ids, unpack
+from flux2 import LoadError, image_ids, pack, text_ids, unpack
+from vae import AE_PRESETS, AEConfig, AutoEncoder, load_ae
 
 # oracle.md §1.3 [RUN] config: every channel count a multiple of 32 (GroupNorm(32)), both quant convs present
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
