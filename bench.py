@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import flux2
 import lora
 import offload
-from sample import HelpFormatter, fill_random
+from models import fill_random
+from util import HelpFormatter
 
 GiB = 2**30
 HEADLINE = [(8, 1024, "auto"), (8, 1024, "stream"), (1, 1024, "resident")]

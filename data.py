@@ -14,11 +14,9 @@ Under torchrun the ranks fill one shared cache: rank r encodes items r, r + N, r
 ordered) list, all wait at a barrier, then each reads the whole cache. The Loader walks the same global batches on
 every rank and hands each rank its contiguous share of every batch.
 """
-import gc
 import hashlib
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ import torch.distributed as dist
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from flux2 import LoadError
+import vae
+from util import LoadError, atomic_write, ceil_div, free_cuda
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CROP_METHOD = "center-crop+lanczos-v1"  # part of the latent cache key: change it when preprocessing changes
@@ -162,27 +161,8 @@ def center_crop_resize(img: Image.Image, width: int, height: int) -> Image.Image
     return img.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1] (what AutoEncoder.encode takes)."""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float() / 127.5 - 1.0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The cache: one safetensors file per item, written atomically, named by a content hash
-
-def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Call write(tmp) and rename tmp onto path, so `path` is either absent, the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def _hash(*parts) -> str:
     h = hashlib.sha256()
@@ -195,12 +175,6 @@ def _hash(*parts) -> str:
 def text_key(caption: str, text_id: str) -> str:
     """Cache key of a caption's text features."""
     return _hash("text", caption, text_id, TEXT_LENGTH)
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _size(img: Image.Image) -> tuple[int, int]:
@@ -242,7 +216,7 @@ def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolutio
     ae = None
     for item in todo:
         try:
-            pixels = to_tensor(center_crop_resize(load_image(item.path), *item.size))
+            pixels = vae.to_pixels(center_crop_resize(load_image(item.path), *item.size))
         except (OSError, ValueError, SyntaxError) as e:  # truncated files fail only when decoded
             bad.append(f"{item.path.name} ({type(e).__name__}: {e})")
             continue
@@ -253,7 +227,7 @@ def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolutio
             z = ae.encode(pixels[None].to(device, dtype))[0]            # [128, h/16, w/16]
         atomic_write(latent_path(cache_dir, item), lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
     del ae
-    _free()
+    free_cuda()
     _barrier(world)
     items = [it for it in items if latent_path(cache_dir, it).is_file()]     # minus those that failed to decode
     if bad:
@@ -280,7 +254,7 @@ def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Call
                 atomic_write(text_path(cache_dir, text, text_id),
                              lambda f: save_file({"ctx": c.cpu().contiguous()}, f))
         del encode
-        _free()
+        free_cuda()
     _barrier(world)
 
 
@@ -346,7 +320,7 @@ class Loader:
         batch = [self.items[i] for i in self._plan[self.pos]]
         self.pos += 1
         total = len(batch)
-        m = -(-total // self.world)
+        m = ceil_div(total, self.world)
         index = torch.arange(self.rank * m, self.rank * m + m)
         batch = [batch[min(i, total - 1)] for i in index.tolist()]
         return {"latents": torch.stack([load_file(latent_path(self.cache_dir, it))["latent"] for it in batch]),

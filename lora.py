@@ -11,7 +11,6 @@ in float32, alpha / r baked into B and no `.alpha` tensors (oracle §5.2: diffus
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from util import atomic_write, print0
 
 
 class LoRAError(ValueError):
@@ -158,9 +159,8 @@ def inject(model: nn.Module, targets: str = "paper", rank: int = 16, alpha: floa
     model.requires_grad_(False)
     layers = [_wrap(model, n, rank=rank, alpha=alpha, dropout=dropout, out_slice=s) for n, s in picked.items()]
     params = _params(layers)
-    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):   # once under torchrun
-        print(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
-              f"{sum(p.numel() for p in params):,} trainable parameters")
+    print0(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
+           f"{sum(p.numel() for p in params):,} trainable parameters")
     return params
 
 
@@ -228,12 +228,7 @@ def save(model: nn.Module, path, metadata: dict | None = None):
         raise LoRAError(f"{path}: the model has no LoRA adapters to save; call inject() or load() first")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update(_describe(model), format="pt")     # ours last: load() relies on rank/alpha/targets being true
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # same folder, so os.replace is atomic
-    try:
-        save_file(lora_state_dict(model), tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(lora_state_dict(model), tmp, metadata=meta))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-GiB = 2**30
+from util import GiB, ceil_div, print0, rank_world
+
 STRATEGIES = ("auto", "none", "checkpoint", "stream", "fsdp2")
 
 # Activation memory in units of one block input: tokens x width x element size (width = the blocks' hidden size).
@@ -274,7 +275,7 @@ def _layout(tensors: list[Tensor]) -> tuple[list[int], int]:
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end += -(-t.numel() * t.element_size() // 256) * 256
+        end += ceil_div(t.numel() * t.element_size(), 256) * 256
     return offsets, end
 
 
@@ -592,11 +593,6 @@ def leave_process_group():
     gc.collect()
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process: the process group's, or (0, 1) without one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def sum_gradients(params: list[Tensor]):
     """Sum the gradients of replicated parameters over all ranks in one flat all-reduce. FSDP2 leaves the LoRA
     parameters alone (ignored_params), so this is their data-parallel reduction; with each rank's loss its share of
@@ -751,8 +747,7 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
         _apply_fsdp2(model, blocks, p, device)
     else:
         _apply(model, blocks, p, device, keep_host_copy, p.compiled)
-    if rank_world()[0] == 0:                # one copy of the plan in a torchrun log, not one per rank
-        print(p.describe(), flush=True)
+    print0(p.describe())
     return p
 
 

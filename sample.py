@@ -17,16 +17,13 @@ models use true CFG (--cfg, default 4.0 for them): v = v("") + cfg * (v(prompt) 
     python sample.py --from-png fox.png --out again.png          # same settings, same pixels
 """
 import argparse
-import gc
 import json
 import math
 import random
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -35,34 +32,21 @@ from torch import Tensor
 import flux2
 import lora
 import offload
-import text_encoder
 import vae
-from flux2 import PRESETS, Flux2, LoadError, image_ids, pack, text_ids, unpack
-from text_encoder import TEXT_PRESETS, MistralEncoder, Tokenizer
-from vae import AE_PRESETS, AutoEncoder
+from flux2 import empirical_mu, image_ids, pack, text_ids, time_shift, unpack
+from models import ModelSource, Models, encode_text, free_text_encoder, load_models, model_defaults, placed_dit, snapshot_paths
+from util import HelpFormatter, LoadError, default_device
+from vae import AutoEncoder
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedule and Euler loop (reference §7.1, §7.2)
 
-def empirical_mu(image_seq_len: int, num_steps: int) -> float:
-    """The resolution- and step-dependent time shift: linear in L between fits at 10 and 200 steps, step-free above
-    4300 tokens (so the schedule jumps there)."""
-    a1, b1 = 8.73809524e-05, 1.89833333     # fit at 10 steps
-    a2, b2 = 0.00016927, 0.45666666         # fit at 200 steps
-    m200 = a2 * image_seq_len + b2
-    if image_seq_len > 4300:
-        return m200
-    m10 = a1 * image_seq_len + b1
-    return m10 + (m200 - m10) * (num_steps - 10) / 190
-
-
 def schedule(num_steps: int, image_seq_len: int) -> list[float]:
     """num_steps + 1 times from 1 (noise) to 0 (image): a uniform grid pushed towards t=1 by exp(mu).
     Computed in float32 like the reference, so the values are bit-identical to it."""
-    mu = empirical_mu(image_seq_len, num_steps)
     t = torch.linspace(1, 0, num_steps + 1)
-    return (math.exp(mu) / (math.exp(mu) + (1 / t - 1))).tolist()
+    return time_shift(t, empirical_mu(image_seq_len, num_steps)).tolist()
 
 
 @torch.no_grad()
@@ -116,8 +100,7 @@ def prepare_ref(img: Image.Image, limit: int, name: str = "reference image") -> 
         w, h = img.size
     left, top = (w - w // 16 * 16) // 2, (h - h // 16 * 16) // 2
     img = img.crop((left, top, left + w // 16 * 16, top + h // 16 * 16))
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255     # ToTensor: [3, H, W] in [0, 1]
-    return 2 * x - 1
+    return vae.to_pixels(img)
 
 
 def prepare_refs(images: list[Image.Image], names: list[str] | None = None) -> list[Tensor]:
@@ -137,188 +120,6 @@ def encode_refs(ae: AutoEncoder, images: list[Image.Image], dtype: torch.dtype) 
         tokens.append(pack(z))
         ids.append(image_ids(*z.shape[-2:], t=10 + 10 * r))
     return torch.cat(tokens, dim=1).to(dtype), torch.cat(ids)[None].to(p.device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models: the tiny CPU demo stack or a FLUX.2-dev snapshot
-
-@dataclass
-class Models:
-    """What sampling needs. Any part may be None: the text encoder is freed once the prompts are encoded."""
-    device: torch.device
-    dtype: torch.dtype                        # DiT, text encoder and Euler state; the autoencoder runs in >= float32
-    dit: Flux2 | None = None
-    ae: AutoEncoder | None = None
-    text_encoder: MistralEncoder | None = None
-    tokenizer: Tokenizer | None = None
-
-
-# --model NAME for full-size runs without weights (speed and memory checks): the DiT preset and its text encoder
-RANDOM_MODELS = {"dev-random": ("dev", "mistral-small-3.2"), "klein-4b-random": ("klein-4b", "qwen3-4b"),
-                 "klein-9b-random": ("klein-9b", "qwen3-8b")}
-
-
-def snapshot_paths(model_dir) -> dict[str, Path]:
-    """The parts of a FLUX.2 snapshot under the names used here; LoadError naming the first missing part."""
-    p = flux2.find_snapshot(Path(model_dir).expanduser())
-    return {"dit": p["transformer"], "ae": p["vae"], "text": p["text_encoder"], "tokenizer": p["tokenizer"]}
-
-
-def _tiny(build, seed: int):
-    """A tiny module with random weights from `seed`, leaving the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def load_models(model_dir=None, *, tiny: bool = False, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                parts=("text", "dit", "ae"), dit_device=None, text_layers=None, seed: int = 0) -> Models:
-    """Load `parts` of a FLUX.2 dev or klein snapshot, or build the tiny stack (random weights from `seed`; the
-    trainer's --model tiny gets the same weights). dit_device="cpu" (or "meta": no values read, a snapshot's only)
-    leaves the DiT for offload.prepare to place. text_layers None: the encoder family's FLUX.2 layers (dev: Mistral
-    10/20/30, klein: Qwen3 9/18/27)."""
-    device = torch.device(device)
-    ae_dtype = torch.promote_types(dtype, torch.float32)         # ae.safetensors is float32 and small
-    m = Models(device=device, dtype=dtype)
-    paths = None if tiny else snapshot_paths(model_dir)          # fails before anything heavy is read
-    if paths is not None:
-        text_encoder.check_pair(paths["dit"], paths["text"], text_layers)   # e.g. a klein DiT next to dev's Mistral
-    if "text" in parts:
-        if tiny:
-            m.tokenizer = Tokenizer.tiny()
-            m.text_encoder = _tiny(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), seed + 2).to(device, dtype)
-        else:
-            m.tokenizer = Tokenizer(paths["tokenizer"])
-            family = text_encoder.text_family(paths["text"])
-            if m.tokenizer.family != family:
-                raise LoadError(f"{paths['tokenizer']}: a {m.tokenizer.family} tokenizer next to a {family} text "
-                                f"encoder; use the snapshot's own tokenizer/")
-            m.text_encoder = text_encoder.load_text_encoder(paths["text"], text_layers, device=device, dtype=dtype)
-    if "dit" in parts:
-        at = dit_device or device
-        m.dit = _tiny(lambda: Flux2(PRESETS["tiny"]), seed).to(at, dtype) if tiny else \
-            flux2.load_flux2(paths["dit"], device=at, dtype=dtype)
-    if "ae" in parts:
-        m.ae = _tiny(lambda: AutoEncoder(AE_PRESETS["tiny"]), seed + 1).to(device, ae_dtype) if tiny else \
-            vae.load_ae(paths["ae"], device=device, dtype=ae_dtype)
-    for module in (m.dit, m.ae, m.text_encoder):
-        if module is not None:
-            module.eval().requires_grad_(False)
-    return m
-
-
-@torch.no_grad()
-def encode_text(models: Models, prompts: list[str]) -> Tensor:
-    """Prompts -> text features [N, 512, ctx] in the model dtype. One prompt per forward, so a prompt's features
-    do not depend on the others it came with (a PNG's settings reproduce it alone)."""
-    if models.text_encoder is None or models.tokenizer is None:
-        raise ValueError("the text encoder is not loaded (freed after encoding?); pass precomputed txt= features")
-    out = []
-    for prompt in prompts:
-        ids, mask = models.tokenizer.encode_prompts([prompt])
-        out.append(models.text_encoder(ids.to(models.device), mask.to(models.device)).to(models.dtype))
-    return torch.cat(out)
-
-
-def free_text_encoder(models: Models) -> None:
-    """Drop the text encoder so the DiT gets its memory (it is ~35 GB of bf16 for dev)."""
-    models.text_encoder = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-@torch.no_grad()
-def fill_random(model: torch.nn.Module, device: torch.device):
-    """Weights ~ N(0, 0.02), norm scales 1, LoRA as lora.py starts it (A ~ N(0, 1/r²), B = 0), generated on the
-    device and copied to wherever the plan put each tensor (host copies and FSDP2 shards included); BatchNorm stats
-    mean 0, variance 1. For full-size speed and memory runs without downloaded weights (RANDOM_MODELS)."""
-    from torch.distributed.tensor import DTensor
-    g = torch.Generator(device).manual_seed(0)
-    for name, p in model.named_parameters():
-        t = p.to_local() if isinstance(p, DTensor) else p.data
-        if name.endswith("lora_B"):
-            t.zero_()
-        elif t.ndim == 1:
-            t.fill_(1.0)
-        else:
-            std = 1 / t.shape[0] if name.endswith("lora_A") else 0.02
-            t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=t.dtype).mul_(std))
-    for name, b in model.named_buffers():
-        b.fill_(1 if name.endswith("running_var") else 0)
-
-
-
-class ModelSource:
-    """The trainer's view of a model: each part loaded on demand, plus ids that key its caches."""
-
-    def __init__(self, model: str | None, model_dir, device, dtype: torch.dtype | None = None):
-        self.tiny, self.model_dir, self.device = model == "tiny", model_dir, torch.device(device)
-        self.random = RANDOM_MODELS.get(model)    # full-size shapes, random weights: speed and memory runs only
-        self.name = model
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.paths = None if self.tiny or self.random else snapshot_paths(model_dir)   # a missing part fails first
-        self._ae = None
-
-    def _load(self, part: str, **kw) -> Models:
-        if self.random:
-            return self._random(part)
-        return load_models(self.model_dir, tiny=self.tiny, device=self.device, dtype=self.dtype, parts=(part,), **kw)
-
-    def _random(self, part: str) -> Models:
-        """One part at full size with random weights; the DiT stays on meta for offload.prepare to place."""
-        dit, text = self.random
-        build, dtype = {"ae": (lambda: AutoEncoder(AE_PRESETS["flux2"]), torch.float32),
-                        "text": (lambda: MistralEncoder(TEXT_PRESETS[text]), self.dtype),
-                        "dit": (lambda: Flux2(PRESETS[dit]), self.dtype)}[part]
-        with torch.device("meta"):
-            module = build().to(dtype).requires_grad_(False).eval()
-        if part != "dit":
-            module = module.to_empty(device=self.device)
-            fill_random(module, self.device)
-        m = Models(device=self.device, dtype=self.dtype, tokenizer=Tokenizer.tiny())
-        setattr(m, {"ae": "ae", "text": "text_encoder", "dit": "dit"}[part], module)
-        return m
-
-    @property
-    def ae_id(self) -> str:
-        """Names the autoencoder weights (part of the latent cache key)."""
-        if self.tiny or self.random:
-            return f"{self.name}-ae-seed0"
-        return str(self.paths["ae"].resolve())
-
-    @property
-    def text_id(self) -> str:
-        """Names the text encoder and tokenizer (part of the text cache key)."""
-        if self.tiny or self.random:
-            return f"{self.name}-text-seed0"
-        return f"{self.paths['text'].resolve()}|{self.paths['tokenizer'].resolve()}"
-
-    def load_ae(self) -> AutoEncoder:
-        """The autoencoder on the device (loaded once, kept for previews)."""
-        self._ae = self._ae or self._load("ae").ae
-        return self._ae
-
-    def load_text_encoder(self):
-        """A function prompts -> text features [N, 512, ctx]; dropping it frees the encoder."""
-        models = self._load("text")
-        return lambda prompts: encode_text(models, prompts)
-
-    def load_dit(self) -> Flux2:
-        """The DiT in the model dtype for offload.prepare to place: built on meta for a snapshot and the random models
-        (prepare allocates each tensor where the plan puts it, on the GPU, in pinned host memory or as this rank's
-        FSDP2 shard; fill_dit or fill_random then writes the values), so the whole DiT never sits in host memory;
-        on the CPU for the tiny model."""
-        return self._load("dit", dit_device="cpu" if self.tiny else "meta").dit
-
-    def fill_dit(self, dit: Flux2) -> None:
-        """Read the snapshot's DiT values into the DiT load_dit() built and offload.prepare placed, one tensor at a
-        time from the memory-mapped files; a sharded rank copies only its own rows (flux2.load_flux2_into)."""
-        flux2.load_flux2_into(dit, self.paths["dit"])
-
-    def for_preview(self, dit: Flux2) -> Models:
-        """Models for `generate` with precomputed `txt` features: this DiT and the autoencoder."""
-        return Models(device=self.device, dtype=self.dtype, dit=dit, ae=self.load_ae())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,18 +169,13 @@ def generate_tensors(models: Models, prompts: list[str] | None = None, *, width:
     return torch.cat(out)
 
 
-def to_pil(pixels: Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> 8-bit RGB, truncating like the reference ((x + 1) * 127.5 then byte)."""
-    return Image.fromarray(((pixels.float() + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy())
-
-
 def generate(models: Models, prompts: list[str] | None = None, *, width: int, height: int, steps: int,
              guidance: float, seeds: list[int], refs: list[Image.Image] | None = None,
              txt: Tensor | None = None, cfg: float | None = None,
              txt_uncond: Tensor | None = None) -> list[Image.Image]:
     """One image per prompt (or per row of precomputed txt features [N, 512, ctx]) and seed; refs condition all.
     cfg > 1: true classifier-free guidance against txt_uncond (default: the empty prompt's features)."""
-    return [to_pil(x) for x in generate_tensors(models, prompts, width=width, height=height, steps=steps,
+    return [vae.to_image(x) for x in generate_tensors(models, prompts, width=width, height=height, steps=steps,
                                                 guidance=guidance, seeds=seeds, refs=refs, txt=txt, cfg=cfg,
                                                 txt_uncond=txt_uncond)]
 
@@ -417,27 +213,8 @@ def read_png_settings(path) -> dict:
 DEFAULTS = {"width": 1024, "height": 1024, "guidance": 4.0, "lora_scale": 1.0, "refs": []}
 
 
-def klein_kind(model_dir) -> str | None:
-    """'base' or 'distilled' for a klein snapshot (no guidance embedder), None for dev. Base when the snapshot's
-    model_index.json says is_distilled false, or (no such entry) when the snapshot folder's name (the repo's name
-    for an HF cache snapshot, models--...--FLUX.2-klein-base-4B/snapshots/<hash>) or the DiT file's contains "base"."""
-    dit = snapshot_paths(model_dir)["dit"]
-    if flux2.dit_config(dit).use_guidance_embed:
-        return None
-    index = Path(model_dir).expanduser() / "model_index.json"
-    distilled = json.loads(index.read_text()).get("is_distilled") if index.is_file() else None
-    if distilled is None:
-        folder = Path(model_dir).expanduser().absolute()
-        names = [folder.name, dit.name] + ([folder.parent.parent.name] if folder.parent.name == "snapshots" else [])
-        distilled = not any("base" in n.lower() for n in names)
-    return "distilled" if distilled else "base"
 
 
-def model_defaults(model_dir) -> dict:
-    """Steps and CFG for a snapshot (None: the dev-shaped tiny demo), reference §1.1: dev 50 steps, no CFG (it has
-    a guidance embedder); klein base 50 steps, CFG 4.0; step-distilled klein 4 steps, no CFG."""
-    kind = None if model_dir is None else klein_kind(model_dir)
-    return {None: {"steps": 50}, "base": {"steps": 50, "cfg": 4.0}, "distilled": {"steps": 4}}[kind]
 
 
 def _open_image(path) -> Image.Image:
@@ -449,14 +226,6 @@ def _open_image(path) -> Image.Image:
         raise LoadError(f"{path}: cannot open this image ({e}); pass a PNG/JPEG/WebP file") from None
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help lines that end with the flag's default, unless the text already states it (or there is none)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -524,29 +293,12 @@ def _settings(args) -> dict:
     return s
 
 
-def placed_dit(model_dir, *, tiny: bool, device, dtype, lora_file=None, lora_scale: float = 1.0, strategy="auto",
-               tokens: int, rows: int = 1, gpu_memory_limit=None, compile: bool = False) -> tuple[Flux2, offload.Plan]:
-    """The DiT for sampling with the LoRA, placed by offload.prepare (which prints the plan) for forwards of `rows`
-    samples of `tokens` tokens (2 rows with CFG). A snapshot's DiT is built on meta, takes the LoRA's adapters
-    (shapes only), is placed, and only then read from the memory-mapped files into its places, one tensor at a
-    time: the whole DiT never sits in host memory. Then the adapters' values."""
-    dit = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("dit",),
-                      dit_device="cpu" if tiny else "meta").dit
-    if lora_file:
-        lora.load(dit, lora_file, scale=lora_scale)        # on meta: creates the adapters, so the plan places them
-    plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=device, batch_size=rows, tokens_per_sample=tokens,
-                           train=False, gpu_memory_limit=gpu_memory_limit, compile=compile)
-    if not tiny:
-        flux2.load_flux2_into(dit, snapshot_paths(model_dir)["dit"])
-        if lora_file:
-            lora.load(dit, lora_file, scale=lora_scale)    # fills the placed adapters in place
-    return dit, plan
 
 
 def run(args) -> list[Path]:
     """Generate every prompt with the settings of `args`; returns the PNG paths written."""
     s = _settings(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny, model_dir = s["model"] == "tiny", None if s["model"] == "tiny" else s["model"]
     if not tiny:
@@ -565,10 +317,15 @@ def run(args) -> list[Path]:
     models.ae = load_models(model_dir, tiny=tiny, device=device, dtype=dtype, parts=("ae",)).ae
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     compile = device.type == "cuda" if args.compile is None else args.compile
-    models.dit, plan = placed_dit(model_dir, tiny=tiny, device=device, dtype=dtype, lora_file=s.get("lora"),
-                                  lora_scale=s["lora_scale"], strategy=args.offload, tokens=tokens,
-                                  rows=1 if txt_uncond is None else 2, gpu_memory_limit=args.gpu_memory_limit,
-                                  compile=compile)
+    source = ModelSource("tiny" if tiny else "dev", model_dir, device, dtype)
+
+    def with_lora(dit):                  # on meta: creates the adapters; placed and filled: their values
+        if s.get("lora"):
+            lora.load(dit, s["lora"], scale=s["lora_scale"])
+
+    models.dit, plan = placed_dit(source, add_adapters=with_lora, set_adapters=with_lora, strategy=args.offload,
+                                  batch_size=1 if txt_uncond is None else 2, tokens_per_sample=tokens, train=False,
+                                  gpu_memory_limit=args.gpu_memory_limit, compile=compile)
     flux2.fuse(compile and not plan.compiled)      # weights streamed: compile the glue between the matmuls instead
 
     # 3. sample and decode, one image at a time

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux2 import LoadError, assign_weights, dit_config, iter_tensors, preset_name, read_keys, safetensors_files
+from flux2 import preset_name
+from util import LoadError
+from weights import assign_weights, dit_config, iter_tensors, read_keys, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Rank 0 writes every file; checkpoints hold only global state, so a run resumes o
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -40,9 +39,12 @@ from tqdm import tqdm
 import data
 import flux2
 import lora
+import models
 import offload
 import sample
-from flux2 import LoadError, image_ids, pack, text_ids
+import util
+from flux2 import image_ids, pack, text_ids
+from util import LoadError
 
 KEEP_CHECKPOINTS = 3
 # Flags that define the state being resumed (a different value cannot continue it) ...
@@ -55,11 +57,6 @@ TUNABLE = ("lr", "weight_decay", "timestep_sampling", "guidance", "grad_accum", 
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching (reference §8)
 
-def shift(u: torch.Tensor, mu: float) -> torch.Tensor:
-    """The sampler's time shift exp(mu) / (exp(mu) + (1/u - 1)), written so u = 0 gives 0 (reference §7.1)."""
-    return math.exp(mu) * u / (math.exp(mu) * u + (1 - u))
-
-
 def sample_timesteps(n: int, how: str, mu: float, generator: torch.Generator) -> torch.Tensor:
     """n training times in [0, 1] (1 = pure noise): 'shift' (uniform u, shifted like the sampler),
     'logit-normal' (sigmoid of N(0, 1), shifted) or 'uniform' (unshifted, as the diffusers trainer)."""
@@ -67,7 +64,7 @@ def sample_timesteps(n: int, how: str, mu: float, generator: torch.Generator) ->
         u = torch.sigmoid(torch.randn(n, generator=generator))
     else:
         u = torch.rand(n, generator=generator)
-    return u if how == "uniform" else shift(u, mu)
+    return u if how == "uniform" else flux2.time_shift(u, mu)
 
 
 def micro_batch_loss(model, batch: dict, args, generator: torch.Generator, device, guidance) -> torch.Tensor:
@@ -78,7 +75,7 @@ def micro_batch_loss(model, batch: dict, args, generator: torch.Generator, devic
     x0 = batch["latents"].to(device)                                            # [m, 128, h, w]
     txt = batch["ctx"].to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     index, total = batch["index"], batch["total"]                               # rows' positions in the global batch
-    mu = sample.empirical_mu(x0.shape[2] * x0.shape[3], args.sample_steps)      # the sampler's shift at this size
+    mu = flux2.empirical_mu(x0.shape[2] * x0.shape[3], args.sample_steps)       # the sampler's shift at this size
     t = sample_timesteps(total, args.timestep_sampling, mu, generator)          # [total]
     noise = torch.randn((total, *x0.shape[1:]), generator=generator)           # [total, 128, h, w]
     rows = index.clamp(max=total - 1)                                           # padding rows repeat the last draw
@@ -142,7 +139,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, boundary: dict, args
     state = {"step": step, "lora": {n: p.detach().cpu() for n, p in trainable(model).items()},
              "optimizer": optimizer.state_dict(), **boundary, "args": vars(args)}
     path = out / "checkpoints" / f"step-{step:06d}.pt"
-    data.atomic_write(path, lambda f: torch.save(state, f))
+    util.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
         old.unlink()
     return path
@@ -169,7 +166,7 @@ def check_resume(saved: dict, args) -> None:
         if key in STRUCTURAL:
             raise LoadError(f"--resume: {flag} is {new!r} but the checkpoint was trained with {old!r}; "
                             f"pass the same value or another --out")
-        if offload.rank_world()[0] == 0:
+        if util.rank_world()[0] == 0:
             print(f"warning: resuming with {flag} {new!r} (was {old!r}): not the run an uninterrupted one would give",
                   file=sys.stderr)
 
@@ -219,7 +216,7 @@ def draw_loss_curve(records: list[dict], path: Path, size=(800, 400)) -> None:
         d.text((W - pad - 60, H - pad + 10), f"step {steps[-1]}", fill="black")
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
     d.text((pad, 10), "training loss (grey) and moving average (blue)", fill="black")
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    util.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def preview_grid(images: list[Image.Image], prompts: list[str], step: int) -> Image.Image:
@@ -251,14 +248,14 @@ def read_prompts(path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every one can also be given as a key of --config FILE.toml."""
-    p = argparse.ArgumentParser(formatter_class=sample.HelpFormatter,
+    p = argparse.ArgumentParser(formatter_class=util.HelpFormatter,
                                 description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the flags (flags given on the command line win)")
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
-    a("--model", choices=["dev", "tiny", *sample.RANDOM_MODELS], default="dev",
+    a("--model", choices=["dev", "tiny", *models.RANDOM_MODELS], default="dev",
       help="dev (needs --model-dir: a dev or klein snapshot), tiny (random, CPU demo), or a full-size model with "
-           "random weights for speed/memory runs: " + ", ".join(sample.RANDOM_MODELS))
+           "random weights for speed/memory runs: " + ", ".join(models.RANDOM_MODELS))
     a("--model-dir", help="a FLUX.2-dev or FLUX.2-klein(-base) snapshot folder (DiT file or transformer/, ae, "
                           "text_encoder, tokenizer); for klein train on the base model")
     a("--out", default="out", help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
@@ -352,7 +349,7 @@ def train(args) -> dict:
     if args.batch_size % world:
         raise LoadError(f"--batch-size {args.batch_size} is the global batch and does not split over {world} "
                         f"processes; pass a multiple of {world}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = util.default_device(args.device)
     own_group = not dist.is_initialized()
     if offload.launched():
         if device.type == "cuda":
@@ -369,7 +366,7 @@ def train(args) -> dict:
 
 def _train(args, device: torch.device) -> dict:
     """train() inside the process group: the same steps on every rank, files from rank 0."""
-    rank, world = offload.rank_world()
+    rank, world = util.rank_world()
     out = Path(args.out)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path("~/.cache/flux2-lora").expanduser()
     if rank == 0:
@@ -387,14 +384,14 @@ def _train(args, device: torch.device) -> dict:
 
     # 1. Data: latents and text features cached first, so the VAE and the text encoder are gone before the DiT.
     #    With several ranks each encodes its share into the one cache; all then read all of it.
-    source = sample.ModelSource(args.model, args.model_dir, device)     # the same tiny weights as sample.py's
+    source = models.ModelSource(args.model, args.model_dir, device)     # the same tiny weights as sample.py's
     ae_id, text_id = source.ae_id, source.text_id
-    klein = None if source.tiny or source.random else sample.klein_kind(args.model_dir)
+    klein = None if source.tiny or source.random else models.klein_kind(args.model_dir)
     if klein == "distilled" and rank == 0:
         warnings.warn(f"{args.model_dir} is a step-distilled FLUX.2 [klein] (4-step sampler): fine-tuning undoes the "
                       f"distillation, and users report washed-out, grey-blotched samples; train on the klein base "
                       f"model (FLUX.2-klein-base-4B / -9B) instead")
-    cfg = sample.model_defaults(args.model_dir).get("cfg") if klein else None   # klein base previews: true CFG
+    cfg = models.model_defaults(args.model_dir).get("cfg") if klein else None   # klein base previews: true CFG
     prompts = read_prompts(args.sample_prompts) if args.sample_prompts else None
     items = data.cache_latents(args.data, cache_dir=cache, ae_id=ae_id, load_ae=source.load_ae,
                                resolution=args.resolution, buckets=args.buckets,
@@ -412,22 +409,21 @@ def _train(args, device: torch.device) -> dict:
 
     # 2. The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when there are several).
     strategy = "fsdp2" if world > 1 and args.offload == "auto" else args.offload
-    torch.manual_seed(args.seed)                                # LoRA A init (the same on every rank); or resumed
-    model = source.load_dit()                                   # on meta unless tiny: values come after placing
-    on_meta = next(model.parameters()).is_meta
-    params = lora.inject(model, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
+    def add_adapters(dit):
+        torch.manual_seed(args.seed)                            # LoRA A init (the same on every rank); or resumed
+        lora.inject(dit, targets=args.lora_targets, rank=args.rank, alpha=args.alpha)
+
+    def set_adapters(dit):                                      # values for adapters made on meta, drawn as
+        torch.manual_seed(args.seed)                            # inject draws them on a DiT built with values
+        lora.init_adapters(dit)
+
     l_img = (args.resolution // 16) ** 2
     compile = device.type == "cuda" if args.compile is None else args.compile
-    plan = offload.prepare(model, model.blocks, strategy=strategy, device=device, batch_size=args.batch_size // world,
-                           tokens_per_sample=l_img + data.TEXT_LENGTH, train=True,
-                           gpu_memory_limit=args.gpu_memory_limit)
+    model, plan = models.placed_dit(source, add_adapters=add_adapters, set_adapters=set_adapters, strategy=strategy,
+                                    batch_size=args.batch_size // world, tokens_per_sample=l_img + data.TEXT_LENGTH,
+                                    train=True, gpu_memory_limit=args.gpu_memory_limit)
     flux2.fuse(compile)      # the glue between the matmuls; whole blocks stay eager (bench/RESULTS.md §6 says why)
-    if source.random:
-        sample.fill_random(model, device)                        # values for the storage the plan allocated
-    elif on_meta:
-        source.fill_dit(model)                                  # the snapshot's values (a sharded rank: its rows)
-        torch.manual_seed(args.seed)                            # and redraws the adapters inject made on meta,
-        lora.init_adapters(model)                               # as it drew them on a CPU-loaded DiT
+    params = list(trainable(model).values())
     if world > 1:                                               # replicas start equal, however they were filled
         for p in params:
             dist.broadcast(p.data, src=0)
@@ -468,7 +464,7 @@ def _train(args, device: torch.device) -> dict:
                                  txt_uncond=uncond)
         if rank == 0:
             grid = preview_grid(images, prompts, at)
-            data.atomic_write(out / "samples" / f"step-{at:06d}.png", lambda f: grid.save(f, format="PNG"))
+            util.atomic_write(out / "samples" / f"step-{at:06d}.png", lambda f: grid.save(f, format="PNG"))
 
     def save(at: int):
         if rank != 0:

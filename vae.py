@@ -11,11 +11,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from flux2 import LoadError, assign_weights, iter_tensors, read_keys, safetensors_files
+from util import LoadError
+from weights import assign_weights, iter_tensors, read_keys, safetensors_files
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +189,20 @@ class AutoEncoder(nn.Module):
         B, C, h, w = z.shape
         z = z.view(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, 2 * h, 2 * w)
         return self.decoder(z)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pixels: the autoencoder reads and writes RGB in [-1, 1] (reference §5.4)
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> float32 pixels [3, H, W] in [-1, 1], what AutoEncoder.encode takes."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return a.float() / 127.5 - 1.0
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """Pixels [3, H, W] in [-1, 1] -> 8-bit RGB, truncating like the reference ((x + 1) * 127.5, then byte)."""
+    return Image.fromarray(((pixels.float() + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import sys, time, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import flux2, lora, offload, bench
-from sample import fill_random
+from models import fill_random
 dev = torch.device("cuda", 0)
 offload.cap_gpu_memory(dev, 80)
 torch._dynamo.config.cache_size_limit = 64

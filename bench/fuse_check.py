@@ -22,7 +22,7 @@ import flux2
 import lora
 import offload
 from bench import make_inputs, tokens
-from sample import fill_random
+from models import fill_random
 
 
 def step(model, params, x, target) -> tuple[float, list[torch.Tensor]]:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import flux2  # noqa: E402
-import sample  # noqa: E402
+import models
 import text_encoder  # noqa: E402
 
 GiB = 2**30
@@ -42,7 +42,7 @@ def write_snapshot(root: Path, preset: str, images: Path, cache: Path, device: t
     with torch.device("meta"):
         dit = flux2.Flux2(flux2.PRESETS[preset]).to(torch.bfloat16)
     dit = dit.to_empty(device=device)
-    sample.fill_random(dit, device)
+    models.fill_random(dit, device)
     weights = {k: v.cpu() for k, v in dit.state_dict().items()}
     del dit
     t = time.time()
@@ -58,7 +58,7 @@ def write_snapshot(root: Path, preset: str, images: Path, cache: Path, device: t
          "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps}))
     (root / "ae.safetensors").touch()
     (root / "tokenizer.json").touch()
-    rand, snap = sample.ModelSource(random_model, None, device), sample.ModelSource("dev", root, device)
+    rand, snap = models.ModelSource(random_model, None, device), models.ModelSource("dev", root, device)
     items = data.cache_latents(images, cache_dir=cache, ae_id=snap.ae_id, load_ae=rand.load_ae,
                                resolution=resolution, device=device)
     data.cache_texts([it.caption for it in items] + [""], cache_dir=cache, text_id=snap.text_id,

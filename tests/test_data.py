@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 import data
+import vae
 from data import DataError
-from flux2 import LoadError
+from util import LoadError
 from vae import AE_PRESETS, AutoEncoder
 
 RES = 32  # tiny crops keep the tiny autoencoder fast
@@ -96,7 +97,7 @@ def test_center_crop_resize_matches_explicit_crop():
     wide = data.center_crop_resize(gradient(100, 200), 64, 32)      # portrait source, landscape target: middle rows
     ref = gradient(100, 200).crop((0, 75, 100, 125)).resize((64, 32), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(wide), np.asarray(ref))
-    t = data.to_tensor(same)
+    t = vae.to_pixels(same)
     assert t.shape == (3, 100, 100) and t.min() >= -1 and t.max() <= 1
     assert torch.allclose(t[0, 0, :3], torch.tensor([50, 51, 52]) / 127.5 - 1)
 
@@ -190,7 +191,7 @@ def test_latent_cache_is_reused_keyed_and_resumable(tmp_path):
     fresh = data.cache_latents(folder, cache_dir=tmp_path / "c2", ae_id="x", load_ae=load_same, resolution=RES)
     z = data.load_file(data.latent_path(tmp_path / "c2", fresh[3]))["latent"]
     with torch.no_grad():
-        ref = ae.encode(data.to_tensor(data.center_crop_resize(data.load_image(folder / "3.png"), RES, RES))[None])
+        ref = ae.encode(vae.to_pixels(data.center_crop_resize(data.load_image(folder / "3.png"), RES, RES))[None])
     assert z.shape == (128, RES // 16, RES // 16) and torch.equal(z, ref[0])
 
     # another model, resolution or file content is another key

@@ -19,10 +19,13 @@ from safetensors.torch import load_file, save_file
 import data
 import flux2
 import lora
+import models
 import offload
 import sample
 import train
-from offload import GiB
+import util
+import weights
+from util import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "examples" / "toy"
@@ -174,9 +177,9 @@ def tiny_snapshot(root: Path, cache: Path) -> Path:
         {"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 31, "num_attention_heads": 4}))
     (root / "ae.safetensors").touch()
     (root / "tokenizer.json").touch()
-    dit = sample.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
+    dit = models.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, root / "flux2-dev.safetensors")
-    tiny, snap = sample.ModelSource("tiny", None, "cpu"), sample.ModelSource("dev", root, "cpu")
+    tiny, snap = models.ModelSource("tiny", None, "cpu"), models.ModelSource("dev", root, "cpu")
     items = data.cache_latents(TOY, cache_dir=cache, ae_id=snap.ae_id, load_ae=tiny.load_ae, resolution=64,
                                buckets=True)
     data.cache_texts([it.caption for it in items], cache_dir=cache, text_id=snap.text_id,
@@ -186,7 +189,7 @@ def tiny_snapshot(root: Path, cache: Path) -> Path:
 
 def test_two_ranks_load_their_shards_of_a_snapshot_and_train_what_one_process_trains(one, tmp_path):
     """From a snapshot, fsdp2 builds the DiT on meta and each rank reads only its shard from the file
-    (sample.ModelSource.fill_dit); the adapters are redrawn as on a CPU-loaded DiT. The run equals --model tiny's."""
+    (models.ModelSource.fill_dit); the adapters are redrawn as on a CPU-loaded DiT. The run equals --model tiny's."""
     snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")
     output = torchrun("--model", "dev", "--model-dir", snap, "--out", tmp_path / "out", "--cache-dir",
                       tmp_path / "cache", "--steps", K, "--sample-every", "0")
@@ -201,8 +204,8 @@ def test_one_process_fills_a_snapshot_into_the_placed_dit_and_trains_what_tiny_t
     blocks in host copies the GPU streams from), then fill_dit reads the file into those places, so the whole DiT
     never sits in host memory. The run equals --model tiny's."""
     snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")
-    filled, fill = [], sample.ModelSource.fill_dit
-    monkeypatch.setattr(sample.ModelSource, "fill_dit", lambda self, dit: fill(self, filled.append(dit) or dit))
+    filled, fill = [], models.ModelSource.fill_dit
+    monkeypatch.setattr(models.ModelSource, "fill_dit", lambda self, dit: fill(self, filled.append(dit) or dit))
     run_here(tmp_path, "--model", "dev", "--model-dir", snap, "--out", tmp_path / "out", "--steps", K,
              "--sample-every", "0", "--offload", "stream", "--gpu-memory-limit", 1)
     assert "streamed: 4 of 4 blocks" in capsys.readouterr().out and len(filled) == 1
@@ -225,13 +228,13 @@ def _check_shards(rank: int, cases: list):
     by load_flux2_into gathers to load_flux2's tensors."""
     models = []
     for path, limit in cases:
-        want = flux2.load_flux2(path).state_dict()                        # bf16, the whole DiT on this rank
-        model = flux2.load_flux2(path, device="meta")
+        want = weights.load_flux2(path).state_dict()                        # bf16, the whole DiT on this rank
+        model = weights.load_flux2(path, device="meta")
         lora.inject(model, "all", rank=2)
         plan = offload.prepare(model, model.blocks, strategy="fsdp2", device="cpu", batch_size=1,
                                tokens_per_sample=8, gpu_memory_limit=limit)
         assert plan.cpu_offload is (limit is not None)
-        flux2.load_flux2_into(model, path)
+        weights.load_flux2_into(model, path)
         models.append(model)
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         assert frozen.keys() == want.keys()
@@ -240,9 +243,9 @@ def _check_shards(rank: int, cases: list):
         short = [n for n, p in frozen.items() if p.to_local().shape[0] < -(-p.shape[0] // 2)]
         assert bool(short) == (rank == 1)                                 # rows that do not split evenly
     bad = cases[0][0].with_name("missing.safetensors")
-    with pytest.raises(flux2.LoadError, match=r"missing.safetensors: 1 keys of FLUX.2 .* missing, e\.g\. "
+    with pytest.raises(util.LoadError, match=r"missing.safetensors: 1 keys of FLUX.2 .* missing, e\.g\. "
                                                r"\['single_blocks\.1\.linear2\.weight'\]"):
-        flux2.load_flux2_into(models[0], bad)
+        weights.load_flux2_into(models[0], bad)
 
 
 def test_sharded_load_equals_load_flux2(tmp_path):
@@ -299,9 +302,9 @@ def test_global_batch_must_split_over_the_ranks(tmp_path, monkeypatch, capsys):
 # The pieces: the loader's split, the cache's split, the planner
 
 def test_each_rank_gets_its_rows_of_every_global_batch(one):
-    items = data.cache_latents(TOY, cache_dir=one / "cache", ae_id=sample.ModelSource("tiny", None, "cpu").ae_id,
+    items = data.cache_latents(TOY, cache_dir=one / "cache", ae_id=models.ModelSource("tiny", None, "cpu").ae_id,
                                load_ae=None, resolution=64, buckets=True)   # cached: the autoencoder is not needed
-    text_id = sample.ModelSource("tiny", None, "cpu").text_id
+    text_id = models.ModelSource("tiny", None, "cpu").text_id
     make = lambda rank, world: data.Loader(items, cache_dir=one / "cache", text_id=text_id, batch_size=3,
                                            repeats=2, seed=5, rank=rank, world=world)
     whole, halves = make(0, 1), [make(0, 2), make(1, 2)]
@@ -324,7 +327,7 @@ def test_ranks_split_the_caching(tmp_path):
     """Rank r encodes items r, r + 2, ...: run rank 1's share, then rank 0's, in a world of one (the barrier)."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        ae = sample.load_models(tiny=True, device="cpu", dtype=torch.float32, parts=("ae",)).ae
+        ae = models.load_models(tiny=True, device="cpu", dtype=torch.float32, parts=("ae",)).ae
         encoded = []
 
         class Counting(torch.nn.Module):

@@ -6,8 +6,10 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from safetensors.torch import save_file
 
-import flux2
-from flux2 import Flux2, LoadError, PRESETS, load_flux2
+import weights
+from flux2 import Flux2, PRESETS
+from util import LoadError
+from weights import load_flux2
 
 CONFIGS = {  # two tiny shapes; >= 2 blocks of each kind so per-index mistakes show
     "guided": dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
@@ -129,7 +131,7 @@ def test_batch_elements_are_independent():
     """Each sample's output depends only on its own inputs (no cross-batch mixing in attention or modulation)."""
     config = CONFIGS["guided"]
     ref = random_reference(config)
-    ours = Flux2(flux2._config_from_diffusers(config)).double()
+    ours = Flux2(weights._config_from_diffusers(config)).double()
     ours.load_state_dict(to_bfl(ref.state_dict()))
     x = inputs(config, refs=True)
     with torch.no_grad():
@@ -156,7 +158,7 @@ def test_klein_file_where_dev_expected_is_refused(tmp_path, monkeypatch):
         klein = Flux2(PRESETS["klein-4b"])
     path = tmp_path / "flux-2-klein-4b.safetensors"
     save_file({"img_in.weight": torch.zeros(1)}, path)
-    monkeypatch.setattr(flux2, "read_keys", lambda files: {k: tuple(v.shape) for k, v in klein.state_dict().items()})
+    monkeypatch.setattr(weights, "read_keys", lambda files: {k: tuple(v.shape) for k, v in klein.state_dict().items()})
     with pytest.raises(LoadError, match=r"flux-2-klein-4b.safetensors: this looks like klein-4b .*not dev"):
         load_flux2(path, expect="dev")
 

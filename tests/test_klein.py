@@ -19,10 +19,12 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 import data
 import flux2
 import lora
+import models
 import sample
 import text_encoder
 import train
-from flux2 import LoadError
+import weights
+from util import LoadError
 from test_sample import SCHEDULER, VAE, randomize, rel
 from test_train import TOY
 
@@ -152,15 +154,15 @@ def test_prompt_template_and_right_padding(klein):
 
 def test_klein_base_cfg_matches_diffusers(klein):
     pipe, root = klein
-    assert sample.model_defaults(root) == {"steps": 50, "cfg": 4.0}               # model_index.json: not distilled
-    models = sample.load_models(root, device="cpu", dtype=torch.float64, text_layers=LAYERS)
-    txt = sample.encode_text(models, [PROMPT])
+    assert models.model_defaults(root) == {"steps": 50, "cfg": 4.0}               # model_index.json: not distilled
+    stack = models.load_models(root, device="cpu", dtype=torch.float64, text_layers=LAYERS)
+    txt = models.encode_text(stack, [PROMPT])
     ref_txt, _ = pipe.encode_prompt([PROMPT], max_sequence_length=512, text_encoder_out_layers=LAYERS)
     assert rel(txt, ref_txt) <= 1e-12
     for cfg in (4.0, None):                          # base with CFG; distilled-style (diffusers: guidance_scale 1)
         ref = pipe(prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS, guidance_scale=cfg or 1.0,
                    output_type="pt", latents=sample.noise(7, H // 16, W // 16), text_encoder_out_layers=LAYERS).images
-        ours = sample.generate_tensors(models, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7],
+        ours = sample.generate_tensors(stack, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7],
                                        cfg=cfg)
         assert ((ours.abs() < 1).double().mean() > 0.5).item()
         assert rel((ours + 1) / 2, ref) <= 1e-5                  # diffusers' scheduler steps in float32
@@ -176,17 +178,17 @@ def test_snapshot_defaults_and_mismatched_parts(klein, tmp_path):
     distilled.mkdir()
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         (distilled / part).symlink_to(root / part)
-    assert sample.model_defaults(distilled) == {"steps": 4}                      # no model_index.json, no "base"
+    assert models.model_defaults(distilled) == {"steps": 4}                      # no model_index.json, no "base"
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
-    assert sample.model_defaults(tmp_path / "FLUX.2-klein-4B") == {"steps": 4}
+    assert models.model_defaults(tmp_path / "FLUX.2-klein-4B") == {"steps": 4}
     base = tmp_path / "FLUX.2-klein-base-4B"
     base.symlink_to(distilled)
     (distilled / "model_index.json").unlink()
-    assert sample.model_defaults(base) == {"steps": 50, "cfg": 4.0}
+    assert models.model_defaults(base) == {"steps": 50, "cfg": 4.0}
     cached = tmp_path / "models--black-forest-labs--FLUX.2-klein-base-4B" / "snapshots" / "0123abc"
     cached.parent.mkdir(parents=True)
     cached.symlink_to(distilled)                                      # the HF cache layout: the repo name decides
-    assert sample.model_defaults(cached) == {"steps": 50, "cfg": 4.0}
+    assert models.model_defaults(cached) == {"steps": 50, "cfg": 4.0}
     # a dev-shaped DiT (guidance embedder) next to the Qwen3 encoder is refused in one line
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -197,9 +199,9 @@ def test_snapshot_defaults_and_mismatched_parts(klein, tmp_path):
                                                  depth_single_blocks=1, axes_dim=(8, 8, 8, 8)))
     save_file({k: torch.zeros(v.shape) for k, v in dev_like.state_dict().items()}, mixed / "flux2-dev.safetensors")
     with pytest.raises(LoadError, match=r"text_encoder: a qwen3 encoder giving 96-wide .* takes 96-wide mistral"):
-        sample.load_models(mixed, dtype=torch.float64, parts=("dit",), text_layers=LAYERS)
+        models.load_models(mixed, dtype=torch.float64, parts=("dit",), text_layers=LAYERS)
     with pytest.raises(LoadError, match=r"giving 64-wide .*takes 96-wide qwen3"):   # width: wrong layer count
-        sample.load_models(root, dtype=torch.float64, parts=("text",), text_layers=(1, 2))
+        models.load_models(root, dtype=torch.float64, parts=("text",), text_layers=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_snapshot_defaults_and_mismatched_parts(klein, tmp_path):
 
 def test_klein_lora_loads_in_diffusers_and_dev_lora_is_refused(klein, tmp_path):
     pipe, root = klein
-    ours = flux2.load_flux2(root / "transformer", dtype=torch.float64)
+    ours = weights.load_flux2(root / "transformer", dtype=torch.float64)
     assert not ours.cfg.use_guidance_embed
     lora.inject(ours, "all", rank=4, alpha=6)
     g = torch.Generator().manual_seed(3)
@@ -234,7 +236,7 @@ def test_klein_lora_loads_in_diffusers_and_dev_lora_is_refused(klein, tmp_path):
     dev = tmp_path / "dev.safetensors"                 # a FLUX.2 dev LoRA (hidden 6144) on the klein model
     save_file({f"diffusion_model.double_blocks.0.img_attn.qkv.lora_{ab}.weight":
                torch.zeros((2, 6144) if ab == "A" else (18432, 2)) for ab in "AB"}, dev)
-    fresh = flux2.load_flux2(root / "transformer", dtype=torch.float64)
+    fresh = weights.load_flux2(root / "transformer", dtype=torch.float64)
     with pytest.raises(lora.LoRAError, match=r"dev.safetensors: .*another FLUX.2 size"):
         lora.load(fresh, dev)
 
@@ -255,7 +257,7 @@ def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path, cap
     out = train.train(train.parse_args([*flags, "--model-dir", str(base), "--out", str(tmp_path / "a"),
                                         "--sample-every", "1", "--sample-steps", "2"]))["out"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000001.png"]
-    source = sample.ModelSource("dev", base, "cpu")
+    source = models.ModelSource("dev", base, "cpu")
     assert data.text_path(tmp_path / "cache", "", source.text_id).is_file()     # the CFG negative, cached
     capsys.readouterr()
     png = tmp_path / "base.png"                 # sample.py: CFG 4.0 by default, both rows in each forward
@@ -276,8 +278,8 @@ def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path, cap
 def test_random_full_size_models_pair_the_right_text_encoder(name, preset, text):
     """--model klein-4b-random etc. (speed and memory checks without weights): the full-size DiT on meta, for
     offload.prepare to place, and a text encoder whose three layers give that DiT's context width."""
-    source = sample.ModelSource(name, None, "cpu")
-    dit = source.load_dit()
+    source = models.ModelSource(name, None, "cpu")
+    dit = source.build_dit()
     assert dit.cfg == flux2.PRESETS[preset] and all(p.is_meta for p in dit.parameters())
     enc = text_encoder.TEXT_PRESETS[text]
     assert len(enc.output_layers) * enc.hidden_size == dit.cfg.context_in_dim

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import flux2
 import lora
+import weights
 from flux2 import Flux2, PRESETS
 from lora import LoRAError, LoRALinear
 from test_dit import CONFIGS, inputs, random_reference, rel_err, to_bfl
@@ -22,13 +22,13 @@ H = CONFIG["attention_head_dim"] * CONFIG["num_attention_heads"]   # hidden size
 def models(seed: int = 0) -> tuple[nn.Module, Flux2]:
     """A random diffusers reference and our Flux2 holding the same base weights (float64)."""
     ref = random_reference(CONFIG, seed)
-    ours = Flux2(flux2._config_from_diffusers(CONFIG)).double()
+    ours = Flux2(weights._config_from_diffusers(CONFIG)).double()
     ours.load_state_dict(to_bfl(ref.state_dict()))
     return ref, ours
 
 
 def bfl_model(sd: dict) -> Flux2:
-    model = Flux2(flux2._config_from_diffusers(CONFIG)).double()
+    model = Flux2(weights._config_from_diffusers(CONFIG)).double()
     model.load_state_dict(sd)
     return model
 

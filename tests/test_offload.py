@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flux2
 import lora
 import offload
-from offload import GiB
+from util import GiB
 
 B, SIDE, LT = 2, 4, 8                      # batch, image side in tokens, text tokens
 S = SIDE * SIDE + LT                       # tokens per sample

@@ -19,10 +19,13 @@ from safetensors.torch import load_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
+import flux2
 import lora
+import models
 import sample
 import text_encoder
-from flux2 import LoadError
+import vae
+from util import LoadError
 
 # The tiny DiT preset's sizes (flux2.PRESETS["tiny"]) as a diffusers config; its context 192 = 3 layers x 64.
 DIT = dict(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
@@ -90,8 +93,8 @@ def tiny(tmp_path_factory):
     pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=text,
                          tokenizer=tokenizer, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    models = sample.load_models(root, device="cpu", dtype=torch.float64, text_layers=LAYERS)
-    return pipe, models
+    stack = models.load_models(root, device="cpu", dtype=torch.float64, text_layers=LAYERS)
+    return pipe, stack
 
 
 def diffusers_images(pipe, seed, **kw) -> torch.Tensor:
@@ -119,7 +122,7 @@ def test_schedule_vectors(width, height, steps, L, mu, head, tail):
         with pytest.warns(UserWarning, match="multiple of 16"):
             width, height = sample.snap16(width, height)          # 1080 -> 1072
     assert (width // 16) * (height // 16) == L
-    assert abs(sample.empirical_mu(L, steps) - mu) < 5e-6
+    assert abs(flux2.empirical_mu(L, steps) - mu) < 5e-6
     t = sample.schedule(steps, L)
     assert len(t) == steps + 1
     assert np.allclose(t[:len(head)], head, rtol=0, atol=5e-6) and np.allclose(t[-len(tail):], tail, rtol=0, atol=5e-6)
@@ -127,12 +130,12 @@ def test_schedule_vectors(width, height, steps, L, mu, head, tail):
 
 def test_mu_jumps_above_4300_tokens():
     # at or below 4300 tokens mu is linear in the step count; above, it is the 200-step fit for any count
-    assert sample.empirical_mu(4300, 10) != pytest.approx(sample.empirical_mu(4300, 50))
+    assert flux2.empirical_mu(4300, 10) != pytest.approx(flux2.empirical_mu(4300, 50))
     above = 0.00016927 * 4301 + 0.45666666
-    assert sample.empirical_mu(4301, 10) == sample.empirical_mu(4301, 200) == pytest.approx(above, rel=1e-15)
-    assert sample.empirical_mu(4300, 50) - sample.empirical_mu(4301, 50) > 0.2        # the discontinuity
+    assert flux2.empirical_mu(4301, 10) == flux2.empirical_mu(4301, 200) == pytest.approx(above, rel=1e-15)
+    assert flux2.empirical_mu(4300, 50) - flux2.empirical_mu(4301, 50) > 0.2        # the discontinuity
     for L, n in [(12, 3), (4096, 50), (4300, 28), (4301, 28), (8040, 50)]:
-        assert sample.empirical_mu(L, n) == pytest.approx(compute_empirical_mu(L, n), rel=1e-15)
+        assert flux2.empirical_mu(L, n) == pytest.approx(compute_empirical_mu(L, n), rel=1e-15)
 
 
 def test_schedule_matches_diffusers_scheduler():
@@ -147,12 +150,12 @@ def test_schedule_matches_diffusers_scheduler():
 # Whole pipeline vs diffusers, same tiny weights
 
 def test_text_features_match_diffusers(tiny):
-    pipe, models = tiny
+    pipe, stack = tiny
     # flux2_reference.md §6.1 says diffusers' system message has a space where BFL has "\n"; 0.42.1 has the "\n"
     assert pipe.system_message == text_encoder.SYSTEM_MESSAGE
     prompts = [PROMPT, "x"]
     ref, _ = pipe.encode_prompt(prompts, max_sequence_length=512, text_encoder_out_layers=LAYERS)
-    ours = sample.encode_text(models, prompts)                                   # [2, 512, 192]
+    ours = models.encode_text(stack, prompts)                                   # [2, 512, 192]
     assert ours.shape == ref.shape == (2, 512, 192) and ours.dtype == torch.float64
     assert rel(ours, ref) <= 1e-12                                               # observed: bit-identical
     # the comparison sees the system message: diffusers with the space variant gives other features
@@ -165,9 +168,9 @@ def test_text_features_match_diffusers(tiny):
 
 
 def test_text_to_image_matches_diffusers(tiny):
-    pipe, models = tiny
+    pipe, stack = tiny
     ref = diffusers_images(pipe, seed=7, prompt=PROMPT, max_sequence_length=512)   # [1, 3, 64, 48] in [0, 1]
-    ours = sample.generate_tensors(models, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7])
+    ours = sample.generate_tensors(stack, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7])
     assert ours.shape == ref.shape == (1, 3, H, W)
     assert ((ours.abs() < 1).double().mean() > 0.5).item()          # mostly unclamped, so the comparison is real
     # not float64 round-off: diffusers' scheduler.step casts the sample to float32 every step (its "upcast"), and
@@ -176,15 +179,15 @@ def test_text_to_image_matches_diffusers(tiny):
 
 
 def test_editing_with_reference_image_matches_diffusers(tiny):
-    pipe, models = tiny
+    pipe, stack = tiny
     g = torch.Generator().manual_seed(4)
     # 72x100: both preprocessings just centre-crop it to 64x96 (no cap applies), so they agree exactly
     ref_img = Image.fromarray(torch.randint(0, 256, (100, 72, 3), generator=g, dtype=torch.uint8).numpy())
-    txt = sample.encode_text(models, [PROMPT])
+    txt = models.encode_text(stack, [PROMPT])
     ref = diffusers_images(pipe, seed=8, image=[ref_img], prompt_embeds=txt)
-    ours = sample.generate_tensors(models, txt=txt, width=W, height=H, steps=STEPS, guidance=4.0, seeds=[8],
+    ours = sample.generate_tensors(stack, txt=txt, width=W, height=H, steps=STEPS, guidance=4.0, seeds=[8],
                                    refs=[ref_img])
-    plain = sample.generate_tensors(models, txt=txt, width=W, height=H, steps=STEPS, guidance=4.0, seeds=[8])
+    plain = sample.generate_tensors(stack, txt=txt, width=W, height=H, steps=STEPS, guidance=4.0, seeds=[8])
     assert rel((ours + 1) / 2, ref) <= 1e-7                         # as text-to-image (observed 8e-9)
     assert rel(ours, plain) > 1e-2                                  # the reference tokens do change the image
 
@@ -211,25 +214,25 @@ def test_reference_preparation():
 # ----------------------------------------------------------------------------------------------------------
 # LoRA, sizes, PNG settings, CLI errors (the tiny demo stack)
 
-def tiny_models(dtype=torch.float64) -> sample.Models:
-    return sample.load_models(tiny=True, device="cpu", dtype=dtype)
+def tiny_models(dtype=torch.float64) -> models.Models:
+    return models.load_models(tiny=True, device="cpu", dtype=dtype)
 
 
 def test_tiny_models_are_seeded_and_partial_loads_agree():
-    a, b = tiny_models(), sample.load_models(tiny=True, device="cpu", dtype=torch.float64, parts=("dit",))
+    a, b = tiny_models(), models.load_models(tiny=True, device="cpu", dtype=torch.float64, parts=("dit",))
     assert b.ae is None and b.text_encoder is None
     assert all(torch.equal(p, q) for p, q in zip(a.dit.state_dict().values(), b.dit.state_dict().values()))
-    c = sample.load_models(tiny=True, device="cpu", dtype=torch.float64, seed=1, parts=("dit",))
+    c = models.load_models(tiny=True, device="cpu", dtype=torch.float64, seed=1, parts=("dit",))
     assert not torch.equal(a.dit.img_in.weight, c.dit.img_in.weight)
 
 
 def test_trainer_previews_equal_the_sampler():
     # train.py's path: cached text features, the DiT it trains, generate(txt=...) -- same pixels as from prompts
-    src = sample.ModelSource("tiny", None, "cpu")
+    src = models.ModelSource("tiny", None, "cpu")
     assert src.dtype == torch.float32 and src.load_ae() is src.load_ae()          # loaded once
     txt = src.load_text_encoder()(["a fox", "a cat"])                              # [2, 512, 192]
     kw = dict(width=W, height=H, steps=1, guidance=4.0, seeds=[1, 2])
-    previews = sample.generate(src.for_preview(src.load_dit()), txt=txt, **kw)
+    previews = sample.generate(src.for_preview(src.build_dit()), txt=txt, **kw)
     direct = sample.generate(tiny_models(torch.float32), ["a fox", "a cat"], **kw)
     assert [np.asarray(a).tolist() for a in previews] == [np.asarray(b).tolist() for b in direct]
 
@@ -267,7 +270,7 @@ def test_lora_scale_equals_merged_weights(tmp_path):
                         "--width", str(W), "--height", str(H), "--lora", str(file), "--lora-scale", str(s),
                         "--out", str(out)]) == 0
     png = np.asarray(Image.open(out)).astype(int)
-    assert np.abs(png - np.asarray(sample.to_pil(ref[0])).astype(int)).max() <= 1
+    assert np.abs(png - np.asarray(vae.to_image(ref[0])).astype(int)).max() <= 1
     assert Image.open(out).text["lora"] == str(file) and float(Image.open(out).text["lora_scale"]) == s
 
 
@@ -278,7 +281,7 @@ def test_sampling_reads_a_snapshot_into_the_placed_dit(tmp_path, capsys):
     from test_distributed import tiny_snapshot
     from test_offload import batch
     snap = tiny_snapshot(tmp_path / "snap", tmp_path / "cache")         # the tiny DiT's weights, BFL names, float32
-    trained = sample.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
+    trained = models.load_models(tiny=True, dtype=torch.float32, parts=("dit",)).dit
     lora.inject(trained, "paper", rank=4)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -287,10 +290,12 @@ def test_sampling_reads_a_snapshot_into_the_placed_dit(tmp_path, capsys):
     file = tmp_path / "lora.safetensors"
     lora.save(trained, file)
 
-    dit, plan = sample.placed_dit(snap, tiny=False, device=torch.device("cpu"), dtype=torch.float32, lora_file=file,
-                                  lora_scale=0.7, strategy="stream", tokens=64, gpu_memory_limit=1)
+    source = models.ModelSource("dev", snap, "cpu", torch.float32)
+    with_lora = lambda dit: lora.load(dit, file, scale=0.7)
+    dit, plan = models.placed_dit(source, add_adapters=with_lora, set_adapters=with_lora, strategy="stream",
+                                  batch_size=1, tokens_per_sample=64, train=False, gpu_memory_limit=1)
     assert plan.streamed == [0, 1, 2, 3] and "streamed: 4 of 4 blocks" in capsys.readouterr().out
-    ref = sample.load_models(snap, device="cpu", dtype=torch.float32, parts=("dit",)).dit
+    ref = models.load_models(snap, device="cpu", dtype=torch.float32, parts=("dit",)).dit
     lora.load(ref, file, scale=0.7)
     got, want = dit.state_dict(), ref.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -356,4 +361,4 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(LoadError, match="no transformer found"):
-        sample.load_models(tmp_path, device="cpu")
+        models.load_models(tmp_path, device="cpu")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralForCausalLM
 from transformers import MistralConfig as HFMistralConfig
 
-from flux2 import LoadError
+from util import LoadError
 from text_encoder import load_text_encoder
 from test_sample import TEXT as SAMPLE_TEXT, VISION, randomize as randomize_all
 

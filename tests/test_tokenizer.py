@@ -13,7 +13,7 @@ from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from flux2 import LoadError
+from util import LoadError
 from text_encoder import SYSTEM_MESSAGE, TEXT_PRESETS, Tokenizer
 
 TEKKEN = pathlib.Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"

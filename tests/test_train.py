@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import data
 import flux2
 import lora
+import models
 import sample
 import text_encoder
 import train
@@ -59,9 +60,9 @@ def test_overfit_one_image(tmp_path):
     losses = result["losses"]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
 
-    m = sample.load_models(tiny=True, device="cpu", dtype=torch.float32)
-    txt = sample.encode_text(m, [caption])                                      # [1, 512, 192]
-    pixels = data.to_tensor(data.center_crop_resize(data.load_image(folder / "red_circle.png"), res, res))
+    m = models.load_models(tiny=True, device="cpu", dtype=torch.float32)
+    txt = models.encode_text(m, [caption])                                      # [1, 512, 192]
+    pixels = vae.to_pixels(data.center_crop_resize(data.load_image(folder / "red_circle.png"), res, res))
     with torch.no_grad():
         x0 = m.ae.encode(pixels[None])                                          # [1, 128, 4, 4]
         target = m.ae.decode(x0).clamp(-1, 1)       # the training image as the tiny (random) autoencoder shows it
@@ -247,14 +248,14 @@ def test_loss_curve_and_grid_drawing(tmp_path):
 def test_timestep_sampling():
     g = torch.Generator().manual_seed(0)
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
-    mu = sample.empirical_mu(4096, 50)
+    mu = flux2.empirical_mu(4096, 50)
     t = train.sample_timesteps(20000, "shift", mu, g)
     assert torch.allclose(t, math.exp(mu) / (math.exp(mu) + (1 / u - 1)), rtol=1e-5, atol=1e-7)
     # shifted uniform u has the sampler's distribution: the fraction below each schedule point is its grid rank
     grid = sample.schedule(50, 4096)
     for k in (10, 25, 40):
         assert abs((t < grid[k]).float().mean().item() - (1 - k / 50)) < 0.015
-    assert train.shift(torch.tensor([0.0, 1.0]), mu).tolist() == [0.0, 1.0]
+    assert flux2.time_shift(torch.tensor([0.0, 1.0]), mu).tolist() == [0.0, 1.0]
     for how in ("uniform", "logit-normal"):
         s = train.sample_timesteps(20000, how, mu, g)
         assert 0 <= s.min() and s.max() <= 1

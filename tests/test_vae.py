@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 from safetensors.torch import save_file
 
-from flux2 import LoadError, image_ids, pack, text_ids, unpack
+from flux2 import image_ids, pack, text_ids, unpack
+from util import LoadError
 from vae import AE_PRESETS, AEConfig, AutoEncoder, load_ae
 
 # oracle.md §1.3 [RUN] config: every channel count a multiple of 32 (GroupNorm(32)), both quant convs present
