@@ -1,18 +1,22 @@
-"""Training data for FLUX.2 LoRA: image folders with captions, crops and aspect buckets, and an on-disk cache of
-VAE latents and text features so the text encoder runs once per caption and never shares the GPU with the DiT.
+"""Training data for FLUX.2 LoRA: image folders with captions, crops and aspect buckets, and an
+on-disk cache of VAE latents and text features so the text encoder runs once per caption and never
+shares the GPU with the DiT.
 
 Follows docs/flux2_reference.md §5.4 (the latent the DiT trains on: VAE mean -> 2x2 patchify ->
-BN-normalised, 128 channels at /16) and §6.1 / §8 (identical text preprocessing in training and sampling).
-Images are centre-cropped and resized (the report's CenterCrop + resize); with buckets, to the bucket of the
-closest aspect ratio instead of a square.
+BN-normalised, 128 channels at /16) and §6.1 / §8 (identical text preprocessing in training and
+sampling). Images are centre-cropped and resized (the report's CenterCrop + resize); with buckets,
+to the bucket of the closest aspect ratio instead of a square.
 
-    folder/ a.png + a.txt, b.jpg + b.txt, ...   or   folder/ *.png + metadata.jsonl {"file_name", "text"}
-    cache/latents/<hash>.safetensors  latent [128, h/16, w/16]    hash of (image bytes, AE, size, crop method)
-    cache/text/<hash>.safetensors     ctx [512, ctx_dim]           hash of (caption, text encoder, length)
+    folder/ a.png + a.txt, b.jpg + b.txt, ...
+    folder/ *.png + metadata.jsonl {"file_name", "text"}            (either layout)
+    cache/latents/<hash>.safetensors  latent [128, h/16, w/16]
+                                      hash of (image bytes, AE, size, crop method)
+    cache/text/<hash>.safetensors     ctx [512, ctx_dim]
+                                      hash of (caption, text encoder, length)
 
-Under torchrun the ranks fill one shared cache: rank r encodes items r, r + N, r + 2N, ... of the (identically
-ordered) list, all wait at a barrier, then each reads the whole cache. The Loader walks the same global batches on
-every rank and hands each rank its contiguous share of every batch.
+Under torchrun the ranks fill one shared cache: rank r encodes items r, r + N, r + 2N, ... of the
+(identically ordered) list, all wait at a barrier, then each reads the whole cache. The Loader walks
+the same global batches on every rank and hands each rank its contiguous share of every batch.
 """
 import hashlib
 import json
@@ -32,8 +36,8 @@ import vae
 from util import LoadError, atomic_write, ceil_div, free_cuda
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-CROP_METHOD = "center-crop+lanczos-v1"  # part of the latent cache key: change it when preprocessing changes
-TEXT_LENGTH = 512                       # FLUX.2 [dev] pads every prompt to 512 tokens (reference §6.1)
+CROP_METHOD = "center-crop+lanczos-v1"  # in the latent cache key: change it with the preprocessing
+TEXT_LENGTH = 512                       # FLUX.2 [dev] pads every prompt to 512 tokens (ref. §6.1)
 
 
 class DataError(LoadError):
@@ -42,14 +46,14 @@ class DataError(LoadError):
 
 @dataclass(frozen=True)
 class Item:
-    """One training image: its file, caption, content hash and the (width, height) it is trained at."""
+    """One training image: its file, caption, content hash and the (width, height) it trains at."""
     path: Path
     caption: str
     digest: str
     size: tuple[int, int]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Finding images and captions
 
 def _metadata(folder: Path) -> dict[str, str]:
@@ -65,24 +69,28 @@ def _metadata(folder: Path) -> dict[str, str]:
             row = json.loads(line)
             captions[str(row["file_name"])] = str(row["text"])
         except (ValueError, KeyError, TypeError):
-            raise DataError(f"{file}:{n}: expected a JSON object with \"file_name\" and \"text\"; fix that line")
+            raise DataError(f"{file}:{n}: expected a JSON object with \"file_name\" and \"text\"; "
+                            f"fix that line")
     for name in captions:
         if not (folder / name).is_file():
-            raise DataError(f"{file}: lists {name!r}, which is not in {folder}; remove the line or add the image")
+            raise DataError(f"{file}: lists {name!r}, which is not in {folder}; remove the line or "
+                            f"add the image")
     return captions
 
 
 def find_images(folder, default_caption: str | None = None) -> list[tuple[Path, str]]:
-    """(image path, caption) for every image in `folder`, sorted by name; captions come from metadata.jsonl,
-    else a same-stem .txt, else `default_caption`."""
+    """(image path, caption) for every image in `folder`, sorted by name; captions come from
+    metadata.jsonl, else a same-stem .txt, else `default_caption`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder; pass --data a folder of images with .txt captions")
+        raise DataError(f"{folder}: no such folder; pass --data a folder of images with .txt "
+                        f"captions")
     meta = _metadata(folder)
     images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS}
-    images = sorted(images | {folder / name for name in meta})   # metadata may name files in subfolders
+    images = sorted(images | {folder / name for name in meta})  # metadata may name subfolders
     if not images:
-        raise DataError(f"{folder}: no images (jpg, png, webp) in this folder; put the training images there")
+        raise DataError(f"{folder}: no images (jpg, png, webp) in this folder; put the training "
+                        f"images there")
     out = []
     for path in images:
         txt, name = path.with_suffix(".txt"), path.relative_to(folder).as_posix()
@@ -93,41 +101,43 @@ def find_images(folder, default_caption: str | None = None) -> list[tuple[Path, 
         elif default_caption is not None:
             caption = default_caption
         else:
-            raise DataError(f"{path}: no caption; write {txt.name} next to it, list it in metadata.jsonl, "
-                            f"or pass --default-caption")
+            raise DataError(f"{path}: no caption; write {txt.name} next to it, list it in "
+                            f"metadata.jsonl, or pass --default-caption")
         out.append((path, caption))
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sizes: square crops or aspect-ratio buckets
 
 def bucket_sizes(resolution: int, max_ratio: float = 2.0, step: int = 16) -> list[tuple[int, int]]:
-    """(width, height) pairs with sides multiples of `step`, width*height <= resolution^2 and as close to it as
-    the grid allows, aspect ratios up to `max_ratio`."""
+    """(width, height) pairs with sides multiples of `step`, width*height <= resolution^2 and as
+    close to it as the grid allows, aspect ratios up to `max_ratio`."""
     area = resolution * resolution
     sizes = []
     for w in range(step, int(resolution * math.sqrt(max_ratio)) + step, step):
-        h = area // w // step * step             # round down: a bucket never costs more memory than res^2
+        h = area // w // step * step    # round down: a bucket never costs more memory than res^2
         if h >= step and max(w / h, h / w) <= max_ratio:
             sizes.append((w, h))
     return sizes
 
 
 def pick_size(width: int, height: int, resolution: int, buckets: bool) -> tuple[int, int]:
-    """The training size of a width x height image: res x res, or the bucket of the closest aspect ratio."""
+    """The training size of a width x height image: res x res, or the bucket of the closest
+    aspect ratio."""
     if not buckets:
         return resolution, resolution
     aspect = math.log(width / height)
     return min(bucket_sizes(resolution), key=lambda s: abs(math.log(s[0] / s[1]) - aspect))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pixels
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit and float greys are rescaled (PIL would clip them), alpha is
-    composited on white (transparent areas are usually meant as background), EXIF rotation applied."""
+    """Any PIL mode -> 8-bit RGB with EXIF rotation applied: 16-bit and float greys are rescaled
+    (PIL would clip them), alpha is composited on white (transparent areas are usually meant as
+    background)."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
@@ -146,9 +156,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path) -> Image.Image:
-    """Decode an image file fully as RGB; raises OSError/ValueError for corrupt or truncated files."""
+    """Decode an image file fully as RGB; raises OSError/ValueError for corrupt or truncated
+    files."""
     with Image.open(path) as img:
-        img.load()                               # forces the full decode: truncated files fail here, not later
+        img.load()                      # the full decode: truncated files fail here, not later
         return to_rgb(img)
 
 
@@ -161,10 +172,11 @@ def center_crop_resize(img: Image.Image, width: int, height: int) -> Image.Image
     return img.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The cache: one safetensors file per item, written atomically, named by a content hash
 
 def _hash(*parts) -> str:
+    """A cache key: SHA-256 over the parts (bytes as they are, the rest as text), NUL-separated."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p if isinstance(p, bytes) else str(p).encode())
@@ -180,7 +192,8 @@ def text_key(caption: str, text_id: str) -> str:
 def _size(img: Image.Image) -> tuple[int, int]:
     """(width, height) after EXIF rotation, read from the header without decoding pixels."""
     w, h = img.size
-    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)   # 90/270-degree orientations
+    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)      # 90- and 270-degree orientations
+    return (h, w) if rotated else (w, h)
 
 
 def _barrier(world: int) -> None:
@@ -189,59 +202,82 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolution: int, buckets: bool = False,
-                  default_caption: str | None = None, device="cpu", rank: int = 0, world: int = 1) -> list[Item]:
-    """Encode every image of `folder` not yet in the cache; return the usable items in name order. `load_ae()`
-    is called only if something is missing. Unreadable images are skipped with one warning listing them.
-    With world > 1 (a process group is required) this rank handles images rank, rank + world, ... and the call
-    returns once every rank is done, each rank warning about the unreadable images it handled."""
+def cache_latents(folder, *, cache_dir, ae_id: str, load_ae: Callable, resolution: int,
+                  buckets: bool = False, default_caption: str | None = None, device="cpu",
+                  rank: int = 0, world: int = 1) -> list[Item]:
+    """Encode every image of `folder` not yet in the cache; return the usable items in name order.
+    `load_ae()` is called only if something is missing. Unreadable images are skipped with one
+    warning listing them. With world > 1 (a process group is required) this rank handles images
+    rank, rank + world, ... and the call returns once every rank is done, each rank warning about
+    the unreadable images it handled."""
     if resolution % 16:
-        raise DataError(f"--resolution {resolution}: must be a multiple of 16 (the VAE's x8 and the 2x2 patch)")
+        raise DataError(f"--resolution {resolution}: must be a multiple of 16 (the VAE's x8 and "
+                        f"the 2x2 patch)")
     found, items, bad, todo = find_images(folder, default_caption), [], [], []
     for i, (path, caption) in enumerate(found):
-        mine = i % world == rank             # by position in the full list: every rank sees the same list
+        mine = i % world == rank        # by place in the full list: every rank sees the same list
         try:
-            raw = path.read_bytes()
-            with Image.open(path) as img:        # header only: the size picks the bucket
-                size = _size(img)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt / unknown files
+            item = _item(path, caption, ae_id=ae_id, resolution=resolution, buckets=buckets)
+        except (OSError, ValueError, SyntaxError) as e:     # PIL's errors for corrupt/unknown files
             if mine:
-                bad.append(f"{path.name} ({type(e).__name__}: {e})")
+                bad.append(_unreadable(path, e))
             continue
-        w, h = pick_size(*size, resolution, buckets)
-        item = Item(path, caption, _hash("latent", raw, ae_id, w, h, CROP_METHOD), (w, h))
         items.append(item)
         if mine and not latent_path(cache_dir, item).is_file():
             todo.append(item)
-    ae = None
-    for item in todo:
+    bad += _encode_latents(todo, cache_dir=cache_dir, load_ae=load_ae, device=device)
+    _barrier(world)
+    items = [it for it in items if latent_path(cache_dir, it).is_file()]   # minus undecodable ones
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad),
+                      stacklevel=2)
+    if not items:
+        raise DataError(f"{folder}: no usable image ({len(found)} unreadable); check the files")
+    return sorted(items, key=lambda it: it.path)
+
+
+def _item(path: Path, caption: str, *, ae_id: str, resolution: int, buckets: bool) -> Item:
+    """An image's Item: the training size from its header alone, the cache key from its bytes."""
+    raw = path.read_bytes()
+    with Image.open(path) as img:
+        size = _size(img)
+    w, h = pick_size(*size, resolution, buckets)
+    return Item(path, caption, _hash("latent", raw, ae_id, w, h, CROP_METHOD), (w, h))
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """How the skipped-images warning names a file that failed to open or decode."""
+    return f"{path.name} ({type(error).__name__}: {error})"
+
+
+def _encode_latents(items: list[Item], *, cache_dir, load_ae: Callable, device) -> list[str]:
+    """Cache the latents of `items`, loading the autoencoder for the first image that decodes, and
+    free it; returns the images that failed to decode (a truncated file passes the header read)."""
+    ae, bad = None, []
+    for item in items:
         try:
             pixels = vae.to_pixels(center_crop_resize(load_image(item.path), *item.size))
-        except (OSError, ValueError, SyntaxError) as e:  # truncated files fail only when decoded
-            bad.append(f"{item.path.name} ({type(e).__name__}: {e})")
+        except (OSError, ValueError, SyntaxError) as e:
+            bad.append(_unreadable(item.path, e))
             continue
         if ae is None:
             ae = load_ae()
         dtype = next(ae.parameters()).dtype
         with torch.no_grad():
             z = ae.encode(pixels[None].to(device, dtype))[0]            # [128, h/16, w/16]
-        atomic_write(latent_path(cache_dir, item), lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
+        atomic_write(latent_path(cache_dir, item),
+                     lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
     del ae
     free_cuda()
-    _barrier(world)
-    items = [it for it in items if latent_path(cache_dir, it).is_file()]     # minus those that failed to decode
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: " + "; ".join(bad), stacklevel=2)
-    if not items:
-        raise DataError(f"{folder}: no usable image ({len(found)} unreadable); check the files")
-    return sorted(items, key=lambda it: it.path)
+    return bad
 
 
-def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Callable, batch_size: int = 4,
-                rank: int = 0, world: int = 1) -> None:
-    """Encode every distinct text not yet in the cache. `load_encoder()` -> a function list[str] -> [B, 512, ctx];
-    it is called only if something is missing, and freed before returning (the DiT must not meet it on the GPU).
-    With world > 1 this rank encodes distinct texts rank, rank + world, ...; returns once every rank is done."""
+def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Callable,
+                batch_size: int = 4, rank: int = 0, world: int = 1) -> None:
+    """Encode every distinct text not yet in the cache. `load_encoder()` -> a function list[str] ->
+    [B, 512, ctx]; it is called only if something is missing, and freed before returning (the DiT
+    must not meet it on the GPU). With world > 1 this rank encodes distinct texts rank, rank +
+    world, ...; returns once every rank is done."""
     missing = [t for i, t in enumerate(dict.fromkeys(texts))
                if i % world == rank and not text_path(cache_dir, t, text_id).is_file()]
     if missing:
@@ -273,29 +309,34 @@ def load_text(cache_dir, text: str, text_id: str) -> torch.Tensor:
     return load_file(text_path(cache_dir, text, text_id))["ctx"]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Batches in a deterministic, resumable order
 
 class Loader:
-    """Endless batches of cached (latent, text) pairs. Each epoch is a seeded shuffle, grouped so a batch holds
-    one bucket size; the position (epoch, batch index) is the whole state, so resuming repeats the exact order.
-    batch_size is the global batch: rank r of `world` gets rows r*m .. r*m + m-1 of each batch (m = its size / world,
-    rounded up), so the order and the state do not depend on the number of ranks."""
+    """Endless batches of cached (latent, text) pairs. Each epoch is a seeded shuffle, grouped so a
+    batch holds one bucket size; the position (epoch, batch index) is the whole state, so resuming
+    repeats the exact order. batch_size is the global batch: rank r of `world` gets rows r*m .. r*m
+    + m-1 of each batch (m = its size / world, rounded up), so the order and the state do not depend
+    on the number of ranks."""
 
-    def __init__(self, items: list[Item], *, cache_dir, text_id: str, batch_size: int, repeats: int = 1,
-                 seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, items: list[Item], *, cache_dir, text_id: str, batch_size: int,
+                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
         self.items = [it for it in items for _ in range(repeats)]
-        self.cache_dir, self.text_id, self.batch_size, self.seed = cache_dir, text_id, batch_size, seed
+        self.cache_dir, self.text_id, self.batch_size = cache_dir, text_id, batch_size
+        self.seed = seed
         self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
         self._plan = self._epoch_plan(0)
 
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches (indices into items): a seeded shuffle, split by size, in a seeded
+        order."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         by_size = {}
         for i in torch.randperm(len(self.items), generator=g).tolist():
             by_size.setdefault(self.items[i].size, []).append(i)
-        batches = [idx[j:j + self.batch_size] for idx in by_size.values() for j in range(0, len(idx), self.batch_size)]
+        batches = [idx[j:j + self.batch_size]
+                   for idx in by_size.values() for j in range(0, len(idx), self.batch_size)]
         return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
 
     def state_dict(self) -> dict:
@@ -311,9 +352,10 @@ class Loader:
         return self
 
     def __next__(self) -> dict:
-        """This rank's rows of the next batch: {"latents" [m, 128, h, w], "ctx" [m, 512, ctx_dim], "captions",
-        "index" [m] (the rows' positions in the global batch), "total" (the global batch's size)}. Rows at
-        positions >= total pad a short last batch of a bucket (they repeat its last item); one rank gets it all."""
+        """This rank's rows of the next batch: {"latents" [m, 128, h, w], "ctx" [m, 512, ctx_dim],
+        "captions", "index" [m] (the rows' positions in the global batch), "total" (the global
+        batch's size)}. Rows at positions >= total pad a short last batch of a bucket (they repeat
+        its last item); one rank gets it all."""
         if self.pos >= len(self._plan):
             self.epoch, self.pos = self.epoch + 1, 0
             self._plan = self._epoch_plan(self.epoch)
@@ -323,6 +365,7 @@ class Loader:
         m = ceil_div(total, self.world)
         index = torch.arange(self.rank * m, self.rank * m + m)
         batch = [batch[min(i, total - 1)] for i in index.tolist()]
-        return {"latents": torch.stack([load_file(latent_path(self.cache_dir, it))["latent"] for it in batch]),
-                "ctx": torch.stack([load_text(self.cache_dir, it.caption, self.text_id) for it in batch]),
+        latents = [load_file(latent_path(self.cache_dir, it))["latent"] for it in batch]
+        ctx = [load_text(self.cache_dir, it.caption, self.text_id) for it in batch]
+        return {"latents": torch.stack(latents), "ctx": torch.stack(ctx),
                 "captions": [it.caption for it in batch], "index": index, "total": total}

@@ -1,13 +1,16 @@
-"""LoRA for FLUX.2: adapters injected into a built model, target presets, and one file that diffusers and ComfyUI load.
+"""LoRA for FLUX.2: adapters injected into a built model, target presets, and one file that
+diffusers and ComfyUI load.
 
-Follows docs/paper.md ("Where LoRA goes": h = W0 x + B A x, A ~ N(0, 1/r^2), B = 0, r = 16), the BFL module names of
-docs/flux2_reference.md §3.1 and the diffusers names of §3.4, and the LoRA formats of docs/oracle.md §5
-(ΔW = (alpha / r) · B · A with A = down [r, in] and B = up [out, r]). It works on any nn.Module by module names and
-nn.Linear types, so it never imports flux2.py.
+Follows docs/paper.md ("Where LoRA goes": h = W0 x + B A x, A ~ N(0, 1/r^2), B = 0, r = 16), the BFL
+module names of docs/flux2_reference.md §3.1 and the diffusers names of §3.4, and the LoRA formats
+of docs/oracle.md §5 (ΔW = (alpha / r) · B · A with A = down [r, in] and B = up [out, r]). It works
+on any nn.Module by module names and nn.Linear types; from the model side it takes only weights.py's
+diffusers <-> BFL name table, to read diffusers and PEFT files.
 
-Our file: ONE .safetensors, keys `diffusion_model.<BFL module>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r]
-in float32, alpha / r baked into B and no `.alpha` tensors (oracle §5.2: diffusers 0.42 rejects them there).
-`load` also reads kohya/musubi (`lora_unet_*`), diffusers/PEFT (`transformer.*`) and ai-toolkit files.
+Our file: ONE .safetensors, keys `diffusion_model.<BFL module>.lora_A.weight` [r, in] /
+`.lora_B.weight` [out, r] in float32, alpha / r baked into B and no `.alpha` tensors (oracle §5.2:
+diffusers 0.42 rejects them there). `load` also reads kohya/musubi (`lora_unet_*`), diffusers/PEFT
+(`transformer.*`) and ai-toolkit files.
 """
 import json
 import math
@@ -21,26 +24,31 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from util import atomic_write, print0
+from weights import bfl_module
 
 
 class LoRAError(ValueError):
-    """A LoRA file or target spec that does not fit the model; the message names the file and the fix."""
+    """A LoRA file or target spec that does not fit the model; the message names the file and the
+    fix."""
 
 
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W0 x + (alpha / r) B A x on rows out_slice.
+    """A frozen nn.Linear plus a trainable low-rank update: y = W0 x + (alpha / r) B A x on rows
+    out_slice.
 
-    It adopts the base layer's own `weight` (and `bias`) Parameter, so `<module>.weight` keeps its BFL key and
-    stays loadable; the adapter lives in `<module>.lora_A` [r, in] and `<module>.lora_B` [rows, r]."""
+    It adopts the base layer's own `weight` (and `bias`) Parameter, so `<module>.weight` keeps its
+    BFL key and stays loadable; the adapter lives in `<module>.lora_A` [r, in] and
+    `<module>.lora_B` [rows, r]."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  out_slice: tuple[int, int] | None = None):
-        nn.Module.__init__(self)            # not nn.Linear.__init__, which would allocate a second weight
+        nn.Module.__init__(self)        # not nn.Linear.__init__, which allocates a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight.requires_grad_(False)
-        self.register_parameter("bias", base.bias if base.bias is None else base.bias.requires_grad_(False))
+        bias = base.bias if base.bias is None else base.bias.requires_grad_(False)
+        self.register_parameter("bias", bias)
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
-        self.out_slice = tuple(out_slice or (0, base.out_features))   # e.g. the q|k|v rows of a fused linear1
+        self.out_slice = tuple(out_slice or (0, base.out_features))   # e.g. q|k|v rows of linear1
         rows = self.out_slice[1] - self.out_slice[0]
         # fp32 whatever the base dtype: bf16 would round away small updates to A and B
         kw = dict(device=base.weight.device, dtype=torch.float32)
@@ -52,8 +60,8 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def init_adapter(self, device=None):
-        """The start values: A ~ N(0, 1/r²) (std 1/r, the paper's), drawn on `device` (default: where A is), and
-        B = 0, so the layer starts as W0. Nothing is drawn on meta."""
+        """The start values: A ~ N(0, 1/r²) (std 1/r, the paper's), drawn on `device` (default:
+        where A is), and B = 0, so the layer starts as W0. Nothing is drawn on meta."""
         self.lora_A.copy_(torch.randn(self.lora_A.shape, device=device or self.lora_A.device,
                                       dtype=torch.float32) / self.rank)
         self.lora_B.zero_()
@@ -63,22 +71,25 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)                                     # [..., out]
+        y = F.linear(x, self.weight, self.bias)                          # [..., out]
         if self.merged:
             return y
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scale         # [..., r]: scale the small one
-        # y + h Bᵀ as one matmul with beta = 1 (cuBLAS adds y in its epilogue, one rounding): never writes h Bᵀ
-        y2, h2, Bt = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]).to(y.dtype), self.lora_B.to(y.dtype).t()
+        # [..., r]: the scale goes on the small tensor
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scale
+        # y + h Bᵀ as one matmul with beta = 1 (cuBLAS adds y in its epilogue, one rounding), so
+        # h Bᵀ is never written out
+        y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]).to(y.dtype)
+        Bt = self.lora_B.to(y.dtype).t()
         s0, s1 = self.out_slice
         if (s0, s1) == (0, self.out_features):
             return torch.addmm(y2, h2, Bt).view(y.shape)
-        y2[:, s0:s1].addmm_(h2, Bt)     # in place is safe: a linear's backward never needs its own output
+        y2[:, s0:s1].addmm_(h2, Bt)   # in place is safe: a linear's backward never needs its output
         return y
 
     @torch.no_grad()
     def _add_delta(self, sign: int):
-        w = self.weight[self.out_slice[0]:self.out_slice[1]]                       # [rows, in], a view
-        ct = torch.promote_types(w.dtype, torch.float32)                            # one rounding for bf16 weights
+        w = self.weight[self.out_slice[0]:self.out_slice[1]]              # [rows, in], a view
+        ct = torch.promote_types(w.dtype, torch.float32)                   # one rounding for bf16
         w.copy_(w.to(ct) + sign * (self.lora_B.to(ct) * self.scale) @ self.lora_A.to(ct))
 
     def merge(self):
@@ -94,42 +105,51 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """(A [r, in], B [out, r]) in fp32 with alpha / r baked into B and zero rows outside out_slice."""
-        B = torch.zeros(self.out_features, self.rank, dtype=torch.float32, device=self.lora_B.device)
+        """(A [r, in], B [out, r]) in fp32 with alpha / r baked into B and zero rows outside
+        out_slice."""
+        B = torch.zeros(self.out_features, self.rank, dtype=torch.float32,
+                        device=self.lora_B.device)
         B[self.out_slice[0]:self.out_slice[1]] = self.lora_B.detach().double() * self.scale
         return self.lora_A.detach().float(), B
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, rows={self.out_slice}"
+        return (f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"rows={self.out_slice}")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Which layers (paper.md "Where LoRA goes"; oracle §5.2-5.3)
 
 PRESETS = {  # name -> regex over nn.Linear module names (re.fullmatch)
-    # the report: attention in/out projections of both streams, and single blocks' qkv rows + output projection
+    # the report: attention in/out projections of both streams, and single blocks' qkv rows + output
     "paper": r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12]",
     # every linear inside the blocks (musubi-tuner's choice)
     "attn+mlp": r"(double|single)_blocks\..+",
-    # also the embedders, the shared modulations and final_layer.linear. Not final_layer.adaLN_modulation.1:
-    # diffusers stores its rows as (scale; shift) and does not swap a LoRA's B rows, so it would load wrong there.
+    # also the embedders, the shared modulations and final_layer.linear. Not
+    # final_layer.adaLN_modulation.1: diffusers stores its rows as (scale; shift) and does not swap
+    # a LoRA's B rows, so it would load wrong there.
     "all": r"(?!final_layer\.adaLN_modulation\.1$).+",
 }
-_QKV_ONLY = {"paper": r"single_blocks\.\d+\.linear1"}  # adapters writing only the first 3H rows (q|k|v) of linear1
+# adapters writing only the first 3H rows (q|k|v) of linear1
+_QKV_ONLY = {"paper": r"single_blocks\.\d+\.linear1"}
 
 
 def select(model: nn.Module, targets: str = "paper") -> dict[str, tuple[int, int] | None]:
     """Module names a preset or regex picks, each with its out_slice (None = all rows)."""
     pattern = PRESETS.get(targets, targets)
     try:
-        picked = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)}
+        picked = {n: m for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)}
     except re.error as e:
-        raise LoRAError(f"LoRA targets {targets!r}: neither a preset ({', '.join(PRESETS)}) nor a regex ({e})")
+        raise LoRAError(f"LoRA targets {targets!r}: neither a preset ({', '.join(PRESETS)}) "
+                        f"nor a regex ({e})")
     if not picked:
         raise LoRAError(f"LoRA targets {targets!r} match no nn.Linear of this model; use a preset "
-                        f"({', '.join(PRESETS)}) or a regex over names like double_blocks.0.img_attn.qkv")
+                        f"({', '.join(PRESETS)}) or a regex over names like "
+                        f"double_blocks.0.img_attn.qkv")
     qkv_only = _QKV_ONLY.get(targets)
-    return {n: (0, 3 * m.in_features) if qkv_only and re.fullmatch(qkv_only, n) else None for n, m in picked.items()}
+    return {n: (0, 3 * m.in_features) if qkv_only and re.fullmatch(qkv_only, n) else None
+            for n, m in picked.items()}
 
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
@@ -150,23 +170,26 @@ def _params(layers) -> list[nn.Parameter]:
 
 def inject(model: nn.Module, targets: str = "paper", rank: int = 16, alpha: float | None = None,
            dropout: float = 0.0) -> list[nn.Parameter]:
-    """Freeze the model, wrap the target linears in LoRALinear and return the trainable adapter parameters."""
+    """Freeze the model, wrap the target linears in LoRALinear and return the trainable adapter
+    parameters."""
     picked = select(model, targets)
     taken = [n for n in picked if isinstance(model.get_submodule(n), LoRALinear)]
     if taken:
-        raise LoRAError(f"{taken[0]} already has a LoRA adapter ({len(taken)} layers do); inject once, "
-                        f"or load() a file into the existing adapters")
+        raise LoRAError(f"{taken[0]} already has a LoRA adapter ({len(taken)} layers do); "
+                        f"inject once, or load() a file into the existing adapters")
     model.requires_grad_(False)
-    layers = [_wrap(model, n, rank=rank, alpha=alpha, dropout=dropout, out_slice=s) for n, s in picked.items()]
+    layers = [_wrap(model, n, rank=rank, alpha=alpha, dropout=dropout, out_slice=s)
+              for n, s in picked.items()]
     params = _params(layers)
-    print0(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: {len(layers)} layers, "
-           f"{sum(p.numel() for p in params):,} trainable parameters")
+    print0(f"LoRA {targets!r} rank {rank} alpha {rank if alpha is None else alpha:g}: "
+           f"{len(layers)} layers, {sum(p.numel() for p in params):,} trainable parameters")
     return params
 
 
 def init_adapters(model: nn.Module):
-    """Draw every adapter's start values again, on the CPU and in inject's order: for a model injected on meta, whose
-    adapters offload.prepare allocated without values. Seeded as before inject, it gives what a CPU model got."""
+    """Draw every adapter's start values again, on the CPU and in inject's order: for a model
+    injected on meta, whose adapters offload.prepare allocated without values. Seeded as before
+    inject, it gives what a CPU model got."""
     for m in adapters(model).values():
         m.init_adapter("cpu")
 
@@ -183,11 +206,12 @@ def unmerge(model: nn.Module):
         m.unmerge()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Our file: BFL names under diffusion_model., alpha baked in (oracle §5.2, §5.4)
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapters in our file layout: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight`, fp32 on CPU."""
+    """The adapters in our file layout: `diffusion_model.<module>.lora_A.weight` /
+    `.lora_B.weight`, fp32 on CPU."""
     out = {}
     for name, m in adapters(model).items():
         A, B = m.factors()
@@ -197,9 +221,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _describe(model: nn.Module) -> dict[str, str]:
-    """rank, alpha ('mixed' when adapters differ) and targets (the preset that gives these layers, or 'custom')."""
+    """rank, alpha ('mixed' when adapters differ) and targets (the preset that gives these layers,
+    or 'custom')."""
     layers = adapters(model)
-    have = {n: None if m.out_slice == (0, m.out_features) else m.out_slice for n, m in layers.items()}
+    have = {n: None if m.out_slice == (0, m.out_features) else m.out_slice
+            for n, m in layers.items()}
     targets = "custom"
     for name in PRESETS:
         try:
@@ -208,7 +234,8 @@ def _describe(model: nn.Module) -> dict[str, str]:
                 break
         except LoRAError:
             pass
-    ranks, alphas = {str(m.rank) for m in layers.values()}, {f"{m.alpha:g}" for m in layers.values()}
+    ranks = {str(m.rank) for m in layers.values()}
+    alphas = {f"{m.alpha:g}" for m in layers.values()}
     return {"rank": ranks.pop() if len(ranks) == 1 else "mixed",
             "alpha": alphas.pop() if len(alphas) == 1 else "mixed", "targets": targets}
 
@@ -222,72 +249,41 @@ def _trained_with(meta: dict) -> tuple[int, float] | None:
 
 
 def save(model: nn.Module, path, metadata: dict | None = None):
-    """Write the adapters to ONE .safetensors file (atomically), with string metadata in the header."""
+    """Write the adapters to ONE .safetensors file (atomically), with string metadata in the
+    header."""
     path = Path(path)
     if not adapters(model):
-        raise LoRAError(f"{path}: the model has no LoRA adapters to save; call inject() or load() first")
+        raise LoRAError(f"{path}: the model has no LoRA adapters to save; "
+                        f"call inject() or load() first")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    meta.update(_describe(model), format="pt")     # ours last: load() relies on rank/alpha/targets being true
+    meta.update(_describe(model), format="pt")    # ours last: load() relies on them being true
     atomic_write(path, lambda tmp: save_file(lora_state_dict(model), tmp, metadata=meta))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading every common FLUX.2 layout (oracle §5.1-5.3)
 
-_SUFFIXES = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B", ".lora_up.weight": "B",
-             ".alpha": "alpha"}
-
-# diffusers module -> (BFL module, rows): None = all rows, k = k-th third of the fused qkv, "swap" = halves swapped
-_DIFFUSERS_ROOT = {
-    "x_embedder": ("img_in", None), "context_embedder": ("txt_in", None),
-    "time_guidance_embed.timestep_embedder.linear_1": ("time_in.in_layer", None),
-    "time_guidance_embed.timestep_embedder.linear_2": ("time_in.out_layer", None),
-    "time_guidance_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", None),
-    "time_guidance_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", None),
-    "double_stream_modulation_img.linear": ("double_stream_modulation_img.lin", None),
-    "double_stream_modulation_txt.linear": ("double_stream_modulation_txt.lin", None),
-    "single_stream_modulation.linear": ("single_stream_modulation.lin", None),
-    "proj_out": ("final_layer.linear", None),
-    "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap"),   # diffusers rows (scale; shift), BFL (shift; scale)
-}
-_DIFFUSERS_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
-    "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None),
-}
-_DIFFUSERS_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
-
-
-def _from_diffusers(name: str):
-    """diffusers module name -> (BFL module, rows) or None."""
-    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name)
-    if not m:
-        return _DIFFUSERS_ROOT.get(name)
-    kind, i, rest = m.groups()
-    table, bfl = (_DIFFUSERS_DOUBLE, "double_blocks") if kind == "transformer_blocks" else \
-        (_DIFFUSERS_SINGLE, "single_blocks")
-    return (f"{bfl}.{i}.{table[rest][0]}", table[rest][1]) if rest in table else None
+_SUFFIXES = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B",
+             ".lora_up.weight": "B", ".alpha": "alpha"}
 
 
 def _target(stem: str, kohya: dict):
     """A file's module stem -> (BFL module, rows, is_diffusers), or None when no layout knows it."""
-    if stem.startswith("lora_unet_"):                                    # kohya / musubi: dots became underscores
+    if stem.startswith("lora_unet_"):                       # kohya / musubi: dots became "_"
         name = kohya.get(stem[len("lora_unet_"):])
         return name and (name, None, False)
-    for prefix in ("diffusion_model.", "base_model.model."):             # ours, ai-toolkit, bare PEFT on BFL names
+    for prefix in ("diffusion_model.", "base_model.model."):  # ours, ai-toolkit, PEFT on BFL names
         if stem.startswith(prefix):
             return stem[len(prefix):], None, False
-    hit = _from_diffusers(stem.removeprefix("transformer."))             # diffusers / PEFT (or bare diffusers names)
+    hit = bfl_module(stem.removeprefix("transformer."))     # diffusers / PEFT, or bare diffusers
     return hit and (*hit, True)
 
 
 def _peft_scale(cfg: dict, module: str, r: int) -> float:
-    """The PEFT scaling of one diffusers module from the `lora_adapter_metadata` LoraConfig (default alpha = r)."""
+    """The PEFT scaling of one diffusers module from the `lora_adapter_metadata` LoraConfig
+    (default alpha = r)."""
     alpha = cfg.get("lora_alpha", r)
-    for pattern, a in (cfg.get("alpha_pattern") or {}).items():          # PEFT matches patterns on name suffixes
+    for pattern, a in (cfg.get("alpha_pattern") or {}).items():   # PEFT matches name suffixes
         if re.match(rf"(.*\.)?({pattern})$", module):
             alpha = a
             break
@@ -298,16 +294,15 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:   # safetensors raises its own error types for missing, truncated or corrupt files
+    except Exception as e:   # safetensors has its own error types for missing or corrupt files
         raise LoRAError(f"{path}: not a readable .safetensors LoRA file ({e})") from None
 
 
-def _deltas(path: Path, tensors: dict, meta: dict, model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
-    """Every adapter in the file as BFL module -> (A [r, in], B [out, r] float64 with its scale baked in, alpha)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+def _group(tensors: dict[str, Tensor], linears: dict[str, nn.Linear]) -> tuple[dict, list[str]]:
+    """The file's tensors by module stem, stem -> {"to": (BFL module, rows, is_diffusers),
+    "A": down, "B": up, "alpha": ...}, and the keys that name no linear of the model in any
+    layout."""
     kohya = {n.replace(".", "_"): n for n in linears}
-    peft = {k.removeprefix("transformer."): v
-            for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
     stems, unknown = {}, []
     for key, t in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
@@ -316,64 +311,93 @@ def _deltas(path: Path, tensors: dict, meta: dict, model: nn.Module) -> dict[str
             unknown.append(key)
             continue
         stems.setdefault(key[:-len(suffix)], {"to": hit})[_SUFFIXES[suffix]] = t
-    trained, parts = _trained_with(meta), {}  # parts: BFL module -> [(A, B, first row, alpha)]
+    return stems, unknown
+
+
+def _check_shapes(path: Path, stem: str, A: Tensor, B: Tensor, name: str, linear: nn.Linear,
+                  rows_out: int):
+    """A dev LoRA on klein (or the reverse) ends here, with a message saying just that."""
+    if A.shape[1] != linear.in_features or B.shape[0] != rows_out or B.shape[1] != A.shape[0]:
+        raise LoRAError(f"{path}: {stem} has down {tuple(A.shape)} / up {tuple(B.shape)} but "
+                        f"{name} of this model is [{linear.out_features}, {linear.in_features}]: "
+                        f"the LoRA was made for another FLUX.2 size (dev vs klein); load it into "
+                        f"the model it was trained for")
+
+
+def _scale_and_alpha(d: dict, stem: str, r: int, peft: dict, trained) -> tuple[float, float]:
+    """By the file's convention: the factor its B still needs, and the alpha of a new adapter."""
+    if "alpha" in d:                    # kohya and ComfyUI: scale alpha / rank, rank = down rows
+        alpha = float(d["alpha"])
+        return alpha / r, alpha
+    if d["to"][2]:                      # diffusers / PEFT: the LoraConfig in the header
+        scale = _peft_scale(peft, stem.removeprefix("transformer."), r)
+        return scale, scale * r
+    # ai-toolkit and ours: alpha baked into B; our header keeps the training alpha
+    return 1.0, trained[1] if trained and trained[0] == r else float(r)
+
+
+def _joined(parts: list[tuple[Tensor, Tensor, int, float]], out_features: int
+            ) -> tuple[Tensor, Tensor, float]:
+    """One (A, B, alpha) per layer from its (A, B, first row, alpha) parts. Separate q/k/v adapters
+    on one fused qkv are exactly one adapter of rank sum(r) with a block-diagonal B."""
+    if len(parts) == 1 and parts[0][1].shape[0] == out_features:
+        A, B, _, alpha = parts[0]
+        return A, B, alpha
+    A = torch.cat([p[0] for p in parts])                                # [sum r, in]
+    B = torch.zeros(out_features, A.shape[0], dtype=torch.float64)      # [out, sum r]
+    col = 0
+    for a, b, first, _ in parts:
+        B[first:first + b.shape[0], col:col + a.shape[0]] = b
+        col += a.shape[0]
+    return A, B, float(A.shape[0])
+
+
+def _deltas(path: Path, tensors: dict, meta: dict, model: nn.Module
+            ) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """Every adapter in the file as BFL module -> (A [r, in], B [out, r] float64 with its scale
+    baked in, alpha). Shapes are checked before unknown keys are reported."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    peft = {k.removeprefix("transformer."): v
+            for k, v in json.loads(meta.get("lora_adapter_metadata", "{}")).items()}
+    trained = _trained_with(meta)
+    stems, unknown = _group(tensors, linears)
+    parts = {}  # BFL module -> [(A, B, first row, alpha)]
     for stem, d in stems.items():
         if "A" not in d or "B" not in d:
             unknown.append(f"{stem} (lora_A and lora_B come in pairs)")
             continue
-        name, rows, diffusers = d["to"]
-        A, B, lin = d["A"], d["B"], linears[name]
-        r = A.shape[0]
-        n_out = lin.out_features // 3 if isinstance(rows, int) else lin.out_features
-        # shapes are checked before unknown keys are reported: a dev LoRA on klein should say just that
-        if A.shape[1] != lin.in_features or B.shape[0] != n_out or B.shape[1] != r:
-            raise LoRAError(f"{path}: {stem} has down {tuple(A.shape)} / up {tuple(B.shape)} but {name} of this "
-                            f"model is [{lin.out_features}, {lin.in_features}]: the LoRA was made for another "
-                            f"FLUX.2 size (dev vs klein); load it into the model it was trained for")
-        if "alpha" in d:                               # kohya and ComfyUI convention: alpha / rank, rank = down rows
-            alpha = float(d["alpha"])
-            scale = alpha / r
-        elif diffusers:
-            scale = _peft_scale(peft, stem.removeprefix("transformer."), r)
-            alpha = scale * r
-        else:                                          # ai-toolkit and ours: alpha baked into B; our header keeps
-            scale, alpha = 1.0, trained[1] if trained and trained[0] == r else float(r)   # the training alpha
-        B = B.double() * scale
+        name, rows, _ = d["to"]
+        linear, r = linears[name], d["A"].shape[0]
+        rows_out = linear.out_features // 3 if isinstance(rows, int) else linear.out_features
+        _check_shapes(path, stem, d["A"], d["B"], name, linear, rows_out)
+        scale, alpha = _scale_and_alpha(d, stem, r, peft, trained)
+        B = d["B"].double() * scale
         if rows == "swap":
             B = torch.cat(B.chunk(2)[::-1])
-        first = rows * n_out if isinstance(rows, int) else 0
-        parts.setdefault(name, []).append((A.float(), B, first, alpha))
+        first = rows * rows_out if isinstance(rows, int) else 0
+        parts.setdefault(name, []).append((d["A"].float(), B, first, alpha))
     if unknown:
-        raise LoRAError(f"{path}: not a LoRA for this FLUX.2 model's linear layers: {len(unknown)} unknown keys, "
-                        f"e.g. {unknown[:3]}; expected diffusion_model.*.lora_A/B.weight, lora_unet_*.lora_down/"
-                        f"up.weight or transformer.*.lora_A/B.weight (a FLUX.2 LoRA with as many blocks as this model)")
-    out = {}
-    for name, ps in parts.items():
-        if len(ps) == 1 and ps[0][1].shape[0] == linears[name].out_features:
-            out[name] = ps[0][0], ps[0][1], ps[0][3]
-            continue
-        # separate q/k/v adapters on one fused qkv: exact as one adapter of rank sum(r) with block-diagonal B
-        A = torch.cat([p[0] for p in ps])                                            # [sum r, in]
-        B = torch.zeros(linears[name].out_features, A.shape[0], dtype=torch.float64)  # [out, sum r]
-        col = 0
-        for a, b, first, _ in ps:
-            B[first:first + b.shape[0], col:col + a.shape[0]] = b
-            col += a.shape[0]
-        out[name] = A, B, float(A.shape[0])
-    return out
+        raise LoRAError(f"{path}: not a LoRA for this FLUX.2 model's linear layers: "
+                        f"{len(unknown)} unknown keys, e.g. {unknown[:3]}; expected "
+                        f"diffusion_model.*.lora_A/B.weight, lora_unet_*.lora_down/up.weight or "
+                        f"transformer.*.lora_A/B.weight (a FLUX.2 LoRA with as many blocks as "
+                        f"this model)")
+    return {name: _joined(ps, linears[name].out_features) for name, ps in parts.items()}
 
 
 def load(model: nn.Module, path, scale: float = 1.0) -> list[nn.Parameter]:
-    """Apply a LoRA file (ours, ai-toolkit, kohya/musubi or diffusers) at strength `scale`; returns its parameters.
+    """Apply a LoRA file (ours, ai-toolkit, kohya/musubi or diffusers) at strength `scale`; returns
+    its parameters.
 
-    Adapters the model already has (e.g. from inject() before resuming) are filled in place and must have the
-    file's rank; other layers the file names get new adapters. Our files re-create their preset's layers first."""
+    Adapters the model already has (e.g. from inject() before resuming) are filled in place and
+    must have the file's rank; other layers the file names get new adapters. Our files re-create
+    their preset's layers first."""
     path = Path(path)
     tensors, meta = _read(path)
-    deltas = _deltas(path, tensors, meta, model)     # names and shapes are checked before the model changes
+    deltas = _deltas(path, tensors, meta, model)   # checks names and shapes before changing model
     trained = _trained_with(meta)
     if not adapters(model) and meta.get("targets") in PRESETS and trained:
-        inject(model, meta["targets"], *trained)      # ours: re-creates the preset, qkv-only slices included
+        inject(model, meta["targets"], *trained)    # ours: the preset again, qkv-only slices too
     layers = []
     for name, (A, B, alpha) in deltas.items():
         m = model.get_submodule(name)
@@ -381,11 +405,12 @@ def load(model: nn.Module, path, scale: float = 1.0) -> list[nn.Parameter]:
             m = _wrap(model, name, rank=A.shape[0], alpha=alpha)
         s0, s1 = m.out_slice
         if m.rank != A.shape[0] or m.merged:
-            raise LoRAError(f"{path}: {name} has rank {A.shape[0]} but the model's adapter there has rank {m.rank}"
-                            f"{' and is merged' if m.merged else ''}; load into a model without adapters")
-        if B[:s0].any() or B[s1:].any():
-            raise LoRAError(f"{path}: {name} changes rows outside the adapter's rows {m.out_slice}; "
+            raise LoRAError(f"{path}: {name} has rank {A.shape[0]} but the model's adapter there "
+                            f"has rank {m.rank}{' and is merged' if m.merged else ''}; "
                             f"load into a model without adapters")
+        if B[:s0].any() or B[s1:].any():
+            raise LoRAError(f"{path}: {name} changes rows outside the adapter's rows "
+                            f"{m.out_slice}; load into a model without adapters")
         with torch.no_grad():
             m.lora_A.copy_(A)
             m.lora_B.copy_(B[s0:s1] * (scale / m.scale))

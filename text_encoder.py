@@ -1,10 +1,13 @@
-"""The FLUX.2 text side: the text encoders (Mistral-Small-3.2 for [dev], Qwen3-4B/8B for [klein]: one decoder class,
-Qwen3 adds per-head q/k norms), loaded from HF transformers checkpoints, and the tokenizer with both prompt
-templates (dev: system message, left padding; klein: ChatML with thinking off, right padding).
+"""The FLUX.2 text side: the text encoders (Mistral-Small-3.2 for [dev], Qwen3-4B/8B for [klein]:
+one decoder class, Qwen3 adds per-head q/k norms), loaded from HF transformers checkpoints, and the
+tokenizer with both prompt templates (dev: system message, left padding; klein: ChatML with
+thinking off, right padding). Tokenizers are read from their JSON files by the `tokenizers`
+library: an HF tokenizer.json as it is, a Mistral tekken.json converted to a byte-level BPE.
 
-Follows docs/flux2_reference.md §6 (§6.1 dev, §6.2 klein) and docs/oracle.md §4. The encoder returns the hidden
-states FLUX.2 reads (dev: layers 10/20/30, klein: 9/18/27), stacked into the DiT's context [B, 512, 3 x hidden];
-only the layers up to the deepest one are built and read from disk.
+Follows docs/flux2_reference.md §6 (§6.1 dev, §6.2 klein) and docs/oracle.md §4. The encoder
+returns the hidden states FLUX.2 reads (dev: layers 10/20/30, klein: 9/18/27), stacked into the
+DiT's context [B, 512, 3 x hidden]; only the layers up to the deepest one are built and read from
+disk.
 """
 import base64
 import json
@@ -21,7 +24,7 @@ from util import LoadError
 from weights import assign_weights, dit_config, iter_tensors, read_keys, safetensors_files
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text encoder configuration (reference §6.1 table)
 
 @dataclass(frozen=True)
@@ -35,27 +38,32 @@ class MistralConfig:
     head_dim: int = 128                 # 32 x 128 = 4096 != hidden_size
     rope_theta: float = 1e9
     rms_norm_eps: float = 1e-5
-    output_layers: tuple[int, ...] = (10, 20, 30)   # hidden_states indices; 3 x 5120 = 15360 = DiT context dim
-    qk_norm: bool = False               # Qwen3 (klein): RMSNorm over each head's q and k before RoPE; else the same
+    output_layers: tuple[int, ...] = (10, 20, 30)   # hidden_states read: 3 x 5120 = 15360 = context
+    qk_norm: bool = False               # Qwen3 (klein): RMSNorm of each head's q and k before RoPE
 
 
 TEXT_PRESETS = {
     "mistral-small-3.2": MistralConfig(),
-    # klein's encoders (reference §6.2): layers 9/18/27 -> 3 x 2560 = 7680 (klein 4B), 3 x 4096 = 12288 (klein 9B)
-    "qwen3-4b": MistralConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
-                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
-                              output_layers=(9, 18, 27), qk_norm=True),
-    "qwen3-8b": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
-                              output_layers=(9, 18, 27), qk_norm=True),
-    # For the CPU demo and tests: ids of Tokenizer.tiny() (< 1256), context 3 x 64 = 192 (the "tiny" DiT preset).
-    "tiny": MistralConfig(vocab_size=1280, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                          num_kv_heads=2, head_dim=16, output_layers=(1, 2, 3)),
+    # klein's encoders (reference §6.2): layers 9/18/27 -> 3 x 2560 = 7680 (klein 4B),
+    # 3 x 4096 = 12288 (klein 9B)
+    "qwen3-4b": MistralConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                              num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                              rope_theta=1e6, rms_norm_eps=1e-6, output_layers=(9, 18, 27),
+                              qk_norm=True),
+    "qwen3-8b": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                              num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                              rope_theta=1e6, rms_norm_eps=1e-6, output_layers=(9, 18, 27),
+                              qk_norm=True),
+    # For the CPU demo and tests: ids of Tokenizer.tiny() (< 1256), context 3 x 64 = 192 (the
+    # "tiny" DiT preset).
+    "tiny": MistralConfig(vocab_size=1280, hidden_size=64, intermediate_size=128, num_layers=4,
+                          num_heads=4, num_kv_heads=2, head_dim=16, output_layers=(1, 2, 3)),
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Mistral / Qwen3 decoder (HF `modeling_mistral.py` / `modeling_qwen3.py` semantics, attention through SDPA)
+# --------------------------------------------------------------------------------------------------
+# Mistral / Qwen3 decoder (HF `modeling_mistral.py` / `modeling_qwen3.py` semantics, attention
+# through SDPA)
 
 def rotate_half(x: Tensor) -> Tensor:
     """[x1 | x2] -> [-x2 | x1]: HF's non-interleaved RoPE pairing (channel p with p + D/2)."""
@@ -64,27 +72,33 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def mistral_rope(length: int, head_dim: int, theta: float, like: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin [L, D] for positions 0..L-1 (pads included), computed in fp32 as HF does, cast to like's dtype."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=like.device) / head_dim)
-    angles = torch.arange(length, dtype=torch.float32, device=like.device)[:, None] * inv_freq   # [L, D/2]
-    angles = torch.cat([angles, angles], dim=-1)                                                  # [L, D]
+    """cos, sin [L, D] for positions 0..L-1 (pads included), computed in fp32 as HF does, cast to
+    like's dtype."""
+    j2 = torch.arange(0, head_dim, 2, dtype=torch.float32, device=like.device)
+    inv_freq = 1.0 / theta ** (j2 / head_dim)
+    angles = torch.arange(length, dtype=torch.float32, device=like.device)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)                                      # [L, D]
     return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
 
 
 class MistralRMSNorm(nn.Module):
+    """RMS norm with a learned `weight`, in HF's order of casts."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # HF order: normalise in fp32 (even for float64 input), cast back, then scale in the model dtype.
+        # HF order: normalise in fp32 (even for float64 input), cast back, scale in the model dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 class MistralAttention(nn.Module):
+    """Causal grouped-query attention with RoPE (and Qwen3's per-head q/k norms)."""
+
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -104,15 +118,19 @@ class MistralAttention(nn.Module):
         if hasattr(self, "q_norm"):                                                # Qwen3
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=True)
-        # A left pad's query sees only earlier pads, all masked out. SDPA's math and efficient kernels (CPU, and
-        # CUDA float32) return 0 for such a row, and the reference features at pad positions are built on that;
-        # CUDA's cuDNN kernel (chosen for bf16) returns arbitrary values there, so pin the 0 down.
-        o = o.masked_fill(~mask.any(dim=-1, keepdim=True), 0)                          # [B, heads, L, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
+                                           enable_gqa=True)
+        # A left pad's query sees only earlier pads, all masked out. SDPA's math and efficient
+        # kernels (CPU, and CUDA float32) return 0 for such a row, and the reference features at
+        # pad positions are built on that; CUDA's cuDNN kernel (chosen for bf16) returns arbitrary
+        # values there, so pin the 0 down.
+        o = o.masked_fill(~mask.any(dim=-1, keepdim=True), 0)             # [B, heads, L, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
 
 
 class MistralMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -139,7 +157,7 @@ class MistralLayer(nn.Module):
 
 
 class MistralEncoder(nn.Module):
-    """Token embeddings and the first max(output_layers) decoder layers; no final norm, no lm_head."""
+    """Token embeddings and the first max(output_layers) decoder layers (no final norm, lm_head)."""
 
     def __init__(self, cfg: MistralConfig = MistralConfig()):
         super().__init__()
@@ -148,8 +166,9 @@ class MistralEncoder(nn.Module):
         self.layers = nn.ModuleList(MistralLayer(cfg) for _ in range(max(cfg.output_layers)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids [B, L], attention_mask [B, L] (1 = real token) -> [B, L, len(output_layers) * H],
-        per token [hs[k1] | hs[k2] | ...] where hs[k] is the residual stream after k layers."""
+        """input_ids [B, L], attention_mask [B, L] (1 = real token) ->
+        [B, L, len(output_layers) * H], per token [hs[k1] | hs[k2] | ...] where hs[k] is the
+        residual stream after k layers."""
         L = input_ids.shape[1]
         x = self.embed_tokens(input_ids)                                              # [B, L, H]
         cos, sin = mistral_rope(L, self.cfg.head_dim, self.cfg.rope_theta, x)
@@ -162,24 +181,30 @@ class MistralEncoder(nn.Module):
         return torch.cat([hidden[k] for k in self.cfg.output_layers], dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading HF transformers checkpoints (reference §6.1 key table; oracle §4.1)
 
-_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")  # Mistral3 old/new, MistralForCausalLM
+# Mistral3 (old and new layouts), MistralForCausalLM / Qwen3ForCausalLM
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
 _NOT_TEXT = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.vision_tower.",
              "multi_modal_projector.", "model.multi_modal_projector.")
 
 
-# Fields a config.json leaves out take the transformers config class defaults (save_pretrained drops those).
-_TEXT_DEFAULTS = {"mistral": MistralConfig(),
-                  "qwen3": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_layers=32,
-                                         num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6,
-                                         output_layers=(9, 18, 27), qk_norm=True)}
-_TEXT_MODELS = {"mistral": "Mistral-Small-3.2-24B-Instruct-2506 (FLUX.2 dev)", "qwen3": "Qwen3-4B / Qwen3-8B (klein)"}
+# Fields a config.json leaves out take the transformers config class defaults (save_pretrained
+# drops those).
+_TEXT_DEFAULTS = {
+    "mistral": MistralConfig(),
+    "qwen3": MistralConfig(vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                           num_layers=32, num_heads=32, num_kv_heads=32, rope_theta=10000.0,
+                           rms_norm_eps=1e-6, output_layers=(9, 18, 27), qk_norm=True),
+}
+_TEXT_MODELS = {"mistral": "Mistral-Small-3.2-24B-Instruct-2506 (FLUX.2 dev)",
+                "qwen3": "Qwen3-4B / Qwen3-8B (klein)"}
 
 
 def text_family(folder) -> str:
-    """'mistral' or 'qwen3': the text model a checkpoint folder's config.json describes ('' when unreadable)."""
+    """'mistral' or 'qwen3': the text model a checkpoint folder's config.json describes ('' when
+    unreadable)."""
     try:
         raw = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
@@ -188,12 +213,13 @@ def text_family(folder) -> str:
 
 
 def _text_config(folder: Path, layers: tuple[int, ...] | None) -> MistralConfig:
-    """Encoder config from a Mistral3 (`text_config`), Mistral or Qwen3 config.json; layers None = the family's
-    FLUX.2 layers ((10, 20, 30) for Mistral, (9, 18, 27) for Qwen3)."""
+    """Encoder config from a Mistral3 (`text_config`), Mistral or Qwen3 config.json; layers None =
+    the family's FLUX.2 layers ((10, 20, 30) for Mistral, (9, 18, 27) for Qwen3)."""
     file = folder / "config.json"
     if not file.is_file():
-        hint = f"; pass {folder / 'text_encoder'}" if (folder / "text_encoder" / "config.json").is_file() else \
-            "; pass the text encoder checkpoint folder (or a FLUX.2 snapshot's text_encoder/)"
+        hint = "; pass the text encoder checkpoint folder (or a FLUX.2 snapshot's text_encoder/)"
+        if (folder / "text_encoder" / "config.json").is_file():
+            hint = f"; pass {folder / 'text_encoder'}"
         raise LoadError(f"{folder}: no config.json{hint}")
     raw = json.loads(file.read_text())
     c = raw.get("text_config", raw)
@@ -201,60 +227,67 @@ def _text_config(folder: Path, layers: tuple[int, ...] | None) -> MistralConfig:
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if family not in _TEXT_DEFAULTS or c.get("hidden_act", "silu") != "silu" \
             or rope.get("rope_type", "default") != "default" or c.get("attention_bias", False):
-        raise LoadError(f"{file}: not a Mistral/Qwen3 text model with plain RoPE (model_type {family!r}, "
-                        f"rope {rope.get('rope_type')!r}); pass {' or '.join(_TEXT_MODELS.values())}")
+        raise LoadError(f"{file}: not a Mistral/Qwen3 text model with plain RoPE (model_type "
+                        f"{family!r}, rope {rope.get('rope_type')!r}); pass "
+                        f"{' or '.join(_TEXT_MODELS.values())}")
     d = _TEXT_DEFAULTS[family]
     heads = c.get("num_attention_heads", d.num_heads)
     cfg = MistralConfig(
-        vocab_size=c.get("vocab_size", d.vocab_size), hidden_size=c.get("hidden_size", d.hidden_size),
+        vocab_size=c.get("vocab_size", d.vocab_size),
+        hidden_size=c.get("hidden_size", d.hidden_size),
         intermediate_size=c.get("intermediate_size", d.intermediate_size),
         num_layers=c.get("num_hidden_layers", d.num_layers), num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads", d.num_kv_heads),
-        # Qwen3Config's head_dim defaults to 128, not hidden / heads (Qwen3-4B: 32 heads of 128 on hidden 2560)
+        # Qwen3Config's head_dim defaults to 128, not hidden / heads (Qwen3-4B: 32 heads of 128 on
+        # hidden 2560)
         head_dim=c.get("head_dim") or (d.head_dim if family == "qwen3" else
                                        c.get("hidden_size", d.hidden_size) // heads),
         rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or d.rope_theta),
-        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), output_layers=tuple(layers or d.output_layers),
-        qk_norm=d.qk_norm)
-    if not cfg.output_layers or min(cfg.output_layers) < 1 or max(cfg.output_layers) >= cfg.num_layers:
+        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps),
+        output_layers=tuple(layers or d.output_layers), qk_norm=d.qk_norm)
+    out = cfg.output_layers
+    if not out or min(out) < 1 or max(out) >= cfg.num_layers:
         # HF returns hs[num_layers] after the final norm, which this encoder does not model.
-        raise LoadError(f"{file}: layers {cfg.output_layers} must lie in 1..{cfg.num_layers - 1} "
-                        f"(hidden state k = output of decoder layer k); FLUX.2 uses {d.output_layers}")
+        raise LoadError(f"{file}: layers {out} must lie in 1..{cfg.num_layers - 1} (hidden state "
+                        f"k = output of decoder layer k); FLUX.2 uses {d.output_layers}")
     window = c.get("sliding_window") if family == "mistral" or c.get("use_sliding_window") else None
     if window is not None and window < 512:
-        raise LoadError(f"{file}: sliding_window {window} < 512 is not supported; FLUX.2 needs full attention")
+        raise LoadError(f"{file}: sliding_window {window} < 512 is not supported; "
+                        f"FLUX.2 needs full attention")
     return cfg
 
 
 def _our_name(key: str, num_layers: int) -> str | None:
-    """Our name for a checkpoint key; None for tensors text conditioning never reads; the key itself if foreign."""
+    """Our name for a checkpoint key; None for tensors text conditioning never reads; the key
+    itself if foreign."""
     if key.startswith(_NOT_TEXT):
         return None
     prefix = next((p for p in _TEXT_PREFIXES if key.startswith(p)), None)
     if prefix is None:
         return key
     name = key[len(prefix):]
-    if name.startswith("norm.") or (name.startswith("layers.") and int(name.split(".")[1]) >= num_layers):
-        return None
-    return name
+    unbuilt_layer = name.startswith("layers.") and int(name.split(".")[1]) >= num_layers
+    return None if name.startswith("norm.") or unbuilt_layer else name
 
 
 def load_text_encoder(path, layers=None, device="cpu", dtype=torch.bfloat16) -> MistralEncoder:
-    """Load the language model of an HF Mistral3 / Mistral / Qwen3 checkpoint folder (one file or index + shards),
-    reading only embeddings and layers below max(layers) from disk; layers None = the family's FLUX.2 layers."""
+    """Load the language model of an HF Mistral3 / Mistral / Qwen3 checkpoint folder (one file or
+    index + shards), reading only embeddings and layers below max(layers) from disk; layers None =
+    the family's FLUX.2 layers."""
     path = Path(path)
     cfg = _text_config(path, layers)
     files = safetensors_files(path)
     with torch.device("meta"):
         model = MistralEncoder(cfg)
-    # Decide from the headers alone which tensors to read: the skipped ones (vision tower, lm_head, final norm,
-    # layers 30-39 of dev) are a third of the 48 GB and never touch host memory.
+    # Decide from the headers alone which tensors to read: the skipped ones (vision tower, lm_head,
+    # final norm, layers 30-39 of dev) are a third of the 48 GB and never touch host memory.
     wanted = {k: _our_name(k, len(model.layers)) for k in read_keys(files)}
     wanted = {k: name for k, name in wanted.items() if name is not None}
     foreign = [k for k, name in wanted.items() if k == name]
     if foreign:
-        raise LoadError(f"{path}: unexpected key {foreign[0]!r}; pass the transformers-format shards "
-                        f"(model-*.safetensors + index), not Mistral's consolidated.safetensors")
+        raise LoadError(f"{path}: unexpected key {foreign[0]!r}; pass the transformers-format "
+                        f"shards (model-*.safetensors + index), not Mistral's "
+                        f"consolidated.safetensors")
     missing = sorted(set(model.state_dict()) - set(wanted.values()))
     if missing:
         raise LoadError(f"{path}: {len(missing)} text-encoder tensors missing, e.g. {missing[:3]}; "
@@ -262,49 +295,59 @@ def load_text_encoder(path, layers=None, device="cpu", dtype=torch.bfloat16) -> 
 
     tensors = ((wanted[k], t) for k, t in iter_tensors(files, keep=wanted.__contains__))
     what = "Qwen3" if cfg.qk_norm else "Mistral"
-    assign_weights(model, tensors, device=device, dtype=dtype, source=path, what=f"{what} text encoder")
+    assign_weights(model, tensors, device=device, dtype=dtype, source=path,
+                   what=f"{what} text encoder")
     return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer (reference §6.1 prompt format; oracle §4.3, §4.6)
 
-SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
-                  "object relationships, object\nattribution and actions without speculation.")
+SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured "
+                  "responses focusing on object relationships, object\nattribution and actions "
+                  "without speculation.")
 # Tekken control ids (mistral-common's defaults for tekken files without a special-token list).
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
                "[SYSTEM_PROMPT]": 17, "[/SYSTEM_PROMPT]": 18}
 _NUM_SPECIAL = 1000  # ordinary token id = tekken rank + 1000
-# Qwen3's chat-template control tokens (klein, reference §6.2); their ids are read from the tokenizer.json
-# (151643-151645, 151667-151668 in Qwen3's). <|endoftext|> is the pad.
+# Qwen3's chat-template control tokens (klein, reference §6.2); their ids are read from the
+# tokenizer.json (151643-151645, 151667-151668 in Qwen3's). <|endoftext|> is the pad.
 QWEN_CONTROLS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
 def _byte_chars() -> str:
-    """GPT-2's printable stand-in character for each byte 0..255: the alphabet of byte-level `tokenizers` BPE."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    """GPT-2's printable stand-in character for each byte 0..255: the alphabet of byte-level
+    `tokenizers` BPE."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
     others = iter(range(256, 512))
     return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
 
 
 def _byte_bpe(tokens: list[bytes], pattern: str | None) -> tokenizers.Tokenizer:
-    """A byte-level BPE that reproduces tiktoken's encoding with `tokens` (list index = rank; id = rank + 1000).
+    """A byte-level BPE that reproduces tiktoken's encoding with `tokens` (list index = rank;
+    id = rank + 1000).
 
-    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank. A BPE merge list gives
-    the same result when it holds every split of every token into two tokens, ordered by the rank of the result;
-    `ignore_merges` mirrors tiktoken's shortcut of emitting a whole pre-token that is itself in the vocabulary."""
+    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank. A BPE
+    merge list gives the same result when it holds every split of every token into two tokens,
+    ordered by the rank of the result; `ignore_merges` mirrors tiktoken's shortcut of emitting a
+    whole pre-token that is itself in the vocabulary."""
     to_chars = str.maketrans({chr(b): c for b, c in enumerate(_byte_chars())})
-    text = [t.decode("latin-1").translate(to_chars) for t in tokens]      # bytes -> the BPE's unicode spelling
+    text = [t.decode("latin-1").translate(to_chars) for t in tokens]   # bytes -> BPE's spelling
     rank = {t: r for r, t in enumerate(tokens)}
     merges = []
-    for t in tokens:                                                       # rank order = merge priority
-        splits = sorted((rank[t[:i]], rank[t[i:]]) for i in range(1, len(t)) if t[:i] in rank and t[i:] in rank)
+    for t in tokens:                                                   # rank order = merge priority
+        splits = sorted((rank[t[:i]], rank[t[i:]]) for i in range(1, len(t))
+                        if t[:i] in rank and t[i:] in rank)
         merges += [(text[a], text[b]) for a, b in splits]
     vocab = {s: r + _NUM_SPECIAL for r, s in enumerate(text)}
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
-    split = [tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated")] if pattern else []
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
-        split + [tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    pre = tokenizers.pre_tokenizers
+    steps = [pre.ByteLevel(add_prefix_space=False, use_regex=False)]
+    if pattern:
+        steps.insert(0, pre.Split(tokenizers.Regex(pattern), behavior="isolated"))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, fuse_unk=False,
+                                                     ignore_merges=True))
+    tok.pre_tokenizer = pre.Sequence(steps)
     tok.decoder = tokenizers.decoders.ByteLevel()
     return tok
 
@@ -317,44 +360,52 @@ def _from_tekken(file: Path, raw: dict) -> tokenizers.Tokenizer:
     if num_special != _NUM_SPECIAL or any(declared.get(n, i) != i for n, i in SPECIAL_IDS.items()):
         raise LoadError(f"{file}: special tokens differ from Mistral-Small-3.x's Tekken layout; "
                         f"pass the Mistral-Small-3.1/3.2 tekken.json")
-    vocab = sorted(raw["vocab"], key=lambda v: v["rank"])[:config.get("default_vocab_size", 131072) - num_special]
+    size = config.get("default_vocab_size", 131072) - num_special
+    vocab = sorted(raw["vocab"], key=lambda v: v["rank"])[:size]
     return _byte_bpe([base64.b64decode(v["token_bytes"]) for v in vocab], config["pattern"])
 
 
 def _from_hf_json(file: Path, raw: dict) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
-    """An HF tokenizer.json with its added (control) tokens removed, so prompt text never turns into control ids,
-    and the control ids the prompt template needs: Mistral's Tekken layout, or Qwen3's chat tokens."""
+    """An HF tokenizer.json with its added (control) tokens removed, so prompt text never turns
+    into control ids, and the control ids the prompt template needs: Mistral's Tekken layout, or
+    Qwen3's chat tokens."""
     added = {t["content"]: t["id"] for t in raw.get("added_tokens", [])}
     vocab = raw["model"].get("vocab") or {}
     if "<|im_start|>" in added:
         controls = {n: added.get(n) for n in QWEN_CONTROLS}
         if None in controls.values():
-            raise LoadError(f"{file}: a ChatML tokenizer without {[n for n, i in controls.items() if i is None]}; "
+            absent = [n for n, i in controls.items() if i is None]
+            raise LoadError(f"{file}: a ChatML tokenizer without {absent}; "
                             f"pass Qwen3-4B's / Qwen3-8B's tokenizer.json")
     elif any(added.get(n, vocab.get(n)) != i for n, i in SPECIAL_IDS.items()):
-        raise LoadError(f"{file}: control-token ids differ from Mistral's Tekken layout (<s>=1, <pad>=11, ...); "
-                        f"pass Mistral-Small-3.1's tokenizer.json (dev) or Qwen3's (klein)")
+        raise LoadError(f"{file}: control-token ids differ from Mistral's Tekken layout (<s>=1, "
+                        f"<pad>=11, ...); pass Mistral-Small-3.1's tokenizer.json (dev) or "
+                        f"Qwen3's (klein)")
     else:
         controls = SPECIAL_IDS
-    # Padding and truncation stored by a previous padded call would turn every token into <pad>; we pad ourselves.
+    # Padding and truncation stored by a previous padded call would turn every token into <pad>;
+    # we pad ourselves.
     raw = {**raw, "added_tokens": [], "post_processor": None, "padding": None, "truncation": None}
     return tokenizers.Tokenizer.from_str(json.dumps(raw)), controls
 
 
 class Tokenizer:
-    """Tekken BPE plus the FLUX.2 [dev] prompt template (left-padded), or Qwen3's BPE plus the klein template
-    (right-padded): prompts -> ids and mask."""
+    """Tekken BPE plus the FLUX.2 [dev] prompt template (left-padded), or Qwen3's BPE plus the
+    klein template (right-padded): prompts -> ids and mask."""
 
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
-            path = next((path / n for n in ("tokenizer.json", "tekken.json") if (path / n).is_file()), path)
+            path = next((path / n for n in ("tokenizer.json", "tekken.json")
+                         if (path / n).is_file()), path)
         if not path.is_file():
-            raise LoadError(f"{path}: no tokenizer.json or tekken.json here; pass the snapshot's tokenizer/ folder")
+            raise LoadError(f"{path}: no tokenizer.json or tekken.json here; "
+                            f"pass the snapshot's tokenizer/ folder")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise LoadError(f"{path}: not a JSON tokenizer file ({e}); the download may be truncated") from None
+            raise LoadError(f"{path}: not a JSON tokenizer file ({e}); "
+                            f"the download may be truncated") from None
         self.controls = SPECIAL_IDS
         if "vocab" in raw and "config" in raw:
             self.bpe = _from_tekken(path, raw)
@@ -365,9 +416,11 @@ class Tokenizer:
 
     @classmethod
     def tiny(cls) -> "Tokenizer":
-        """A byte-level tokenizer built in code (bytes at ids 1000..1255, no merges) for the tiny demo model."""
+        """A byte-level tokenizer built in code (bytes at ids 1000..1255, no merges) for the tiny
+        demo model."""
         self = cls.__new__(cls)
-        self.bpe, self.controls = _byte_bpe([bytes([b]) for b in range(256)], pattern=None), SPECIAL_IDS
+        self.bpe = _byte_bpe([bytes([b]) for b in range(256)], pattern=None)
+        self.controls = SPECIAL_IDS
         return self
 
     @property
@@ -381,17 +434,22 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of the ordinary tokens in ids (control tokens and pads dropped)."""
-        first, last = (0, min(self.controls.values())) if self.family == "qwen3" else (_NUM_SPECIAL, 1 << 62)
+        if self.family == "qwen3":
+            first, last = 0, min(self.controls.values())
+        else:
+            first, last = _NUM_SPECIAL, 1 << 62
         return self.bpe.decode([int(i) for i in ids if first <= i < last])
 
     def encode_prompts(self, prompts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
-        """Render each prompt in the family's chat format and truncate on the right; dev left-pads with <pad>,
-        klein right-pads with <|endoftext|>: -> ids int64 [B, max_length], mask bool [B, max_length] (True = real)."""
+        """Render each prompt in the family's chat format and truncate on the right; dev left-pads
+        with <pad>, klein right-pads with <|endoftext|>: -> ids int64 [B, max_length], mask bool
+        [B, max_length] (True = real)."""
         if self.family == "qwen3":
             return self._encode_klein(prompts, max_length)
         s = SPECIAL_IDS
         system = self.encode(SYSTEM_MESSAGE)
-        texts = [p.replace("[IMG]", "") for p in prompts]   # as BFL: an image token in text would break the processor
+        # as BFL: an image token in the text would break the processor
+        texts = [p.replace("[IMG]", "") for p in prompts]
         ids = torch.full((len(prompts), max_length), s["<pad>"], dtype=torch.int64)
         mask = torch.zeros(len(prompts), max_length, dtype=torch.bool)
         for i, enc in enumerate(self.bpe.encode_batch(texts, add_special_tokens=False)):
@@ -403,13 +461,15 @@ class Tokenizer:
 
     def _encode_klein(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
         """Qwen3's chat template with thinking off and no system message (reference §6.2):
-        <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n, right-padded.
+        <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n,
+        right-padded.
         HF splits the rendered text at control tokens and encodes each piece alone, as done here."""
         c = self.controls
         nl, nl2, assistant = self.encode("\n"), self.encode("\n\n"), self.encode("assistant\n")
         ids = torch.full((len(prompts), max_length), c["<|endoftext|>"], dtype=torch.int64)
         mask = torch.zeros(len(prompts), max_length, dtype=torch.bool)
-        for i, enc in enumerate(self.bpe.encode_batch(["user\n" + p for p in prompts], add_special_tokens=False)):
+        encoded = self.bpe.encode_batch(["user\n" + p for p in prompts], add_special_tokens=False)
+        for i, enc in enumerate(encoded):
             row = [c["<|im_start|>"], *enc.ids, c["<|im_end|>"], *nl, c["<|im_start|>"], *assistant,
                    c["<think>"], *nl2, c["</think>"], *nl2][:max_length]
             ids[i, :len(row)] = torch.tensor(row)
@@ -417,16 +477,19 @@ class Tokenizer:
         return ids, mask
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Which DiT an encoder feeds (reference §1.1, §6)
 
 def check_pair(dit_path, text_path, layers=None) -> None:
-    """Refuse a DiT and text encoder that do not belong together: dev (guidance embedder) takes Mistral features,
-    klein Qwen3 features, and the DiT's context width must be len(layers) x the encoder's hidden size."""
+    """Refuse a DiT and text encoder that do not belong together: dev (guidance embedder) takes
+    Mistral features, klein Qwen3 features, and the DiT's context width must be len(layers) x the
+    encoder's hidden size."""
     dit, text = dit_config(dit_path), _text_config(Path(text_path), layers)
-    family, want = ("qwen3" if text.qk_norm else "mistral"), ("mistral" if dit.use_guidance_embed else "qwen3")
+    family = "qwen3" if text.qk_norm else "mistral"
+    want = "mistral" if dit.use_guidance_embed else "qwen3"
     width = len(text.output_layers) * text.hidden_size
     if family != want or width != dit.context_in_dim:
-        raise LoadError(f"{text_path}: a {family} encoder giving {width}-wide features, but the transformer "
-                        f"{dit_path} ({preset_name(dit)}) takes {dit.context_in_dim}-wide {want} features; "
+        raise LoadError(f"{text_path}: a {family} encoder giving {width}-wide features, but the "
+                        f"transformer {dit_path} ({preset_name(dit)}) takes "
+                        f"{dit.context_in_dim}-wide {want} features; "
                         f"use the text encoder of the same snapshot ({_TEXT_MODELS[want]})")

@@ -1,11 +1,12 @@
-"""Does `flux2.fuse()` change what the full-size model learns? One training step's loss and LoRA gradients at FLUX.2
-[dev] size (random bf16 weights), eager against fused, under an offload plan that streams (the case where compiling
-whole blocks failed on the GPU: bench/RESULTS.md). Eager is run twice first: the run-to-run spread of eager bf16
-(atomics in the attention backward) is the yardstick the fused difference is read against.
+"""Does `flux2.fuse()` change what the full-size model learns? One training step's loss and LoRA
+gradients at FLUX.2 [dev] size (random bf16 weights), eager against fused, under an offload plan
+that streams (the plan training at full size uses on an 80 GiB card). Eager is run twice first: the
+run-to-run spread of eager bf16 (atomics in the attention backward) is the yardstick the fused
+difference is read against. bench/RESULTS.md §5.1 holds its numbers.
 
-    python bench/fuse_check.py --gpu-memory-limit 80                       # stream, batch 1 at 512²
+    python bench/fuse_check.py --gpu-memory-limit 80                 # stream, batch 1 at 512²
     python bench/fuse_check.py --strategy auto --batch 8 --side 1024 --gpu-memory-limit 80
-    python bench/fuse_check.py --preset klein-4b --strategy none --fp32-reference      # eager and fused vs fp32
+    python bench/fuse_check.py --preset klein-4b --strategy none --fp32-reference   # both vs fp32
 """
 import argparse
 import os
@@ -37,7 +38,8 @@ def step(model, params, x, target) -> tuple[float, list[torch.Tensor]]:
 
 def differ(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
     """(max, median) over tensors of |a - b|_max / |b|_max."""
-    r = torch.tensor([((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b)])
+    r = torch.tensor([((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+                      for x, y in zip(a, b)])
     return r.max().item(), r.median().item()
 
 
@@ -50,28 +52,32 @@ def main():
     p.add_argument("--gpu-memory-limit", type=float, default=None)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (--preset tiny)")
     p.add_argument("--fp32-reference", action="store_true",
-                   help="first run the step in fp32 (resident: use a model that fits, e.g. klein-4b) and measure "
-                        "eager and fused bf16 against it")
+                   help="first run the step in fp32 (resident: use a model that fits, e.g. "
+                        "klein-4b) and measure eager and fused bf16 against it")
     args = p.parse_args()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else \
+        torch.device(args.device)
     offload.cap_gpu_memory(device, args.gpu_memory_limit)
     cfg = flux2.PRESETS[args.preset]
     dtype = torch.float32 if args.fp32_reference else torch.bfloat16
     with torch.device("meta"):
         model = flux2.Flux2(cfg).to(dtype).requires_grad_(False)
         params = lora.inject(model, "paper", rank=16)
-    offload.prepare(model, model.blocks, strategy=args.strategy, device=device, batch_size=args.batch,
-                    tokens_per_sample=tokens(args.side, 512), gpu_memory_limit=args.gpu_memory_limit)
+    offload.prepare(model, model.blocks, strategy=args.strategy, device=device,
+                    batch_size=args.batch, tokens_per_sample=tokens(args.side, 512),
+                    gpu_memory_limit=args.gpu_memory_limit)
     fill_random(model, device)
-    with torch.no_grad():                  # B = 0 would leave every A without a gradient: give B values too
+    with torch.no_grad():          # B = 0 would leave every A without a gradient: give B values too
         for n, q in model.named_parameters():
             if n.endswith("lora_B"):
                 q.normal_(0, 0.01)
     x, target = make_inputs(cfg, args.batch, args.side, 512, device, torch.bfloat16)
-    if args.fp32_reference:             # t = 0.5: t and 1000 t are exact in bf16, so both runs see the same embedding
-        x = (*x[:4], torch.full_like(x[4], 0.5), *x[5:])             # the same values in fp32, then the frozen weights rounded to bf16
-        loss_r, ref = step(model, params, [t.float() if t is not None and t.is_floating_point() else t for t in x],
-                           target)
+    if args.fp32_reference:
+        # the step in fp32, then the frozen weights rounded to bf16 for the others; t = 0.5: t and
+        # 1000 t are exact in bf16, so both runs see the same time embedding
+        x = (*x[:4], torch.full_like(x[4], 0.5), *x[5:])
+        x32 = [t.float() if t is not None and t.is_floating_point() else t for t in x]
+        loss_r, ref = step(model, params, x32, target)
         for q in model.parameters():
             if not q.requires_grad:
                 q.data = q.data.to(torch.bfloat16)

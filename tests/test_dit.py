@@ -141,6 +141,21 @@ def test_batch_elements_are_independent():
     assert rel_err(both[1:], one) <= 1e-12
 
 
+def test_name_table_maps_every_diffusers_parameter_to_ours():
+    """weights.bfl_module knows the module of every diffusers parameter and names a module of ours
+    (q/k/v to their third of the fused qkv); names outside the table give None."""
+    config = CONFIGS["guided"]
+    with torch.device("meta"):
+        ref = Flux2Transformer2DModel(**config)
+        ours = dict(Flux2(weights._config_from_diffusers(config)).named_modules())
+    for name, _ in ref.named_parameters():
+        hit = weights.bfl_module(name.rsplit(".", 1)[0])
+        assert hit is not None and hit[0] in ours, name
+    assert weights.bfl_module("transformer_blocks.1.attn.add_v_proj") == ("double_blocks.1.txt_attn.qkv", 2)
+    assert weights.bfl_module("norm_out.linear") == ("final_layer.adaLN_modulation.1", "swap")
+    assert weights.bfl_module("transformer_blocks.1.attn.unknown") is None
+
+
 @pytest.mark.parametrize("preset,keys,params", [("dev", 299, 32_223_281_152), ("klein-4b", 149, 3_875_544_576),
                                                 ("klein-9b", 201, 9_078_581_248)])
 def test_preset_sizes_on_meta(preset, keys, params):

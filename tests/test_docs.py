@@ -1,14 +1,18 @@
 """The reading guide docs/how-it-works.md stays true to the code: every backticked `module.qualname` it cites
-resolves, and every section it cites in the reference notes exists."""
+resolves to an object defined in that module (not one it merely imports), and every section it cites in the
+reference notes exists."""
 import importlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "how-it-works.md"
-MODULES = ("flux2", "vae", "text_encoder", "lora", "offload", "data", "train", "sample", "bench")
+MODULES = ("util", "flux2", "weights", "vae", "text_encoder", "lora", "offload", "data", "models", "train", "sample",
+           "bench")
 FILE_SUFFIXES = {"py", "md", "safetensors", "json", "jsonl", "png", "pt", "txt"}   # `train.py` is a file, not code
 REF = re.compile(rf"^({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)$")
 
@@ -27,6 +31,9 @@ def resolve(module: str, qualname: str):
     obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)     # class attributes (properties, methods) resolve on the class itself
+    home = getattr(obj, "__module__", module) if callable(obj) else module
+    if home != module:               # a name the module imports: cite it where it is defined
+        raise AttributeError(f"defined in {home}, not {module}")
     return obj
 
 
@@ -43,7 +50,8 @@ def headings(path: Path) -> set[str]:
 def test_guide_code_references_resolve():
     refs = code_references(GUIDE.read_text(encoding="utf-8"))
     assert len(refs) >= 30, f"only {len(refs)} code references found"
-    assert {m for m, _ in refs} >= {"flux2", "vae", "text_encoder", "lora", "offload", "data", "train", "sample"}
+    assert {m for m, _ in refs} >= {"flux2", "weights", "vae", "text_encoder", "lora", "offload", "data", "models",
+                                    "train", "sample"}
     broken = []
     for module, qualname in sorted(set(refs)):
         try:
@@ -73,3 +81,13 @@ def test_guide_section_citations_exist(cited, notes):
 def test_code_reference_parser():
     text = "see `flux2.Flux2.forward`, `train.py`, `lora.safetensors`, `torch.compile` and `offload.prepare`"
     assert code_references(text) == [("flux2", "Flux2.forward"), ("offload", "prepare")]
+
+
+def test_resolve_refuses_imported_names(monkeypatch):
+    """A name a module only imports is cited where it is defined."""
+    user = types.ModuleType("user_of_flux2")
+    user.empirical_mu = importlib.import_module("flux2").empirical_mu     # as `from flux2 import empirical_mu`
+    monkeypatch.setitem(sys.modules, "user_of_flux2", user)
+    assert resolve("flux2", "empirical_mu") is user.empirical_mu
+    with pytest.raises(AttributeError, match="defined in flux2"):
+        resolve("user_of_flux2", "empirical_mu")

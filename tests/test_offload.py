@@ -126,6 +126,8 @@ def test_whole_blocks_compile_only_for_inference_with_every_block_resident():
     assert not prepare(tiny(), "checkpoint", compile=True).compiled                 # training
     assert not prepare(tiny(), "stream", compile=True, train=False).compiled
     assert not prepare(tiny(), "checkpoint", compile=False, train=False).compiled
+    with pytest.raises(dataclasses.FrozenInstanceError):     # a plan is built once, then only read
+        prepare(tiny(), "checkpoint").compiled = True
 
 
 def test_fused_glue_trains_like_eager_with_streamed_weights(reference):
@@ -160,7 +162,7 @@ class CountKeptOps(TorchDispatchMode):
     def __init__(self, width):
         super().__init__()
         self.attention = self.mlp = 0
-        self.min_k = offload.MLP_K * width
+        self.min_k = offload.MLP_MIN_K * width
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.attention += func in offload._ATTENTION_OPS
@@ -217,8 +219,8 @@ def test_streamer_prefetches_in_forward_then_recompute_order(monkeypatch):
     plan = prepare(model, "stream")
     acquire, load = offload._Streamer.acquire, offload._Streamer._load
     monkeypatch.setattr(offload._Streamer, "acquire",
-                        lambda self, r, backward, train: (events.append(("use", r, backward)),
-                                                          acquire(self, r, backward, train))[1])
+                        lambda self, r, *, backward, train: (events.append(("use", r, backward)),
+                                                             acquire(self, r, backward=backward, train=train))[1])
     monkeypatch.setattr(offload._Streamer, "_load", lambda self, r: (events.append(("load", r)), load(self, r))[1])
     train(model, steps=1)
     moved = offload.stats(model)["moved_bytes"]
@@ -325,7 +327,8 @@ def dev_fixed_bytes(p, batch_size, unit):
     # per double block 2 streams x (qkv 6144->18432 + proj 6144->6144), per single block qkv rows of linear1
     # (6144->18432) + linear2 (24576->6144)
     lora_bytes = 16 * (8 * 2 * (6144 + 18432 + 6144 + 6144) + 48 * (6144 + 18432 + 24576 + 6144)) * 4
-    return p.root_bytes + 4 * lora_bytes + batch_size * (56 * offload.SAVED_UNITS + offload.WORK_UNITS) * unit
+    per_sample = 56 * offload.SAVED_INPUT_UNITS + offload.TRAIN_WORKING_SET_UNITS
+    return p.root_bytes + 4 * lora_bytes + batch_size * per_sample * unit
 
 
 def test_dev_1024_batch8_recomputing_attention_streams_the_fewest_single_blocks_evenly_spread():
@@ -356,7 +359,8 @@ def test_dev_1024_batch8_streams_more_blocks_so_that_every_block_keeps_its_mlp_o
     unit = 4608 * 6144 * 2
     assert 8 * 4608 >= offload.HIDE_TOKENS and list(p.kept) == ["mlp", "attention"]
     available = 79 * GiB - 3 * GiB
-    mlp, attn = 8 * int(offload.MLP_UNITS * unit), 8 * int(offload.ATTN_UNITS * unit)     # per block, batch 8
+    mlp = 8 * int(offload.MLP_OUTPUT_UNITS * unit)                     # per block, batch 8
+    attn = 8 * int(offload.ATTENTION_OUTPUT_UNITS * unit)
     fixed = dev_fixed_bytes(p, 8, unit) + 56 * mlp
 
     def need(k):                                       # k blocks streamed, smallest first
@@ -376,10 +380,11 @@ def test_dev_batch1_stays_resident_and_spends_spare_memory_on_kept_outputs_then_
     p = dev_plan(1, side)
     assert p.streamed == [] and p.h2d_bytes_per_step == 0
     unit = ((side // 16) ** 2 + 512) * 6144 * 2
-    kept = int(offload.MLP_UNITS * unit) + int(offload.ATTN_UNITS * unit)
+    kept = int(offload.MLP_OUTPUT_UNITS * unit) + int(offload.ATTENTION_OUTPUT_UNITS * unit)
     budget, margin = 79 * GiB, 3 * GiB
     resident = dev_plan(1, side, strategy="checkpoint", selective=False).peak_bytes
-    plain = (budget - margin - resident - 56 * kept) // ((offload.KEEP_UNITS - offload.SAVED_UNITS) * unit - kept)
+    whole_block = (offload.WHOLE_BLOCK_UNITS - offload.SAVED_INPUT_UNITS) * unit
+    plain = (budget - margin - resident - 56 * kept) // (whole_block - kept)
     assert plain > 0 and p.checkpointed == p.kept["mlp"] == p.kept["attention"] == list(range(56 - plain))
     assert p.peak_bytes <= budget - margin
 
@@ -393,45 +398,51 @@ def test_dev_does_not_fit_and_says_why():
 
 def test_plan_arithmetic_on_round_numbers():
     blocks = [4 * MiB, 4 * MiB, 1 * MiB, 2 * MiB, 3 * MiB]
-    kw = dict(work_bytes_per_sample=1 * MiB, keep_bytes_per_block_sample=2 * MiB, trainable_bytes=MiB // 4)
+    acts = offload.ActivationBytes(saved_input=MiB // 8, working_set=1 * MiB, whole_block=2 * MiB)
+    plan = lambda budget, **kw: offload.plan(blocks, MiB, activations=acts, batch_size=2, budget_bytes=budget,
+                                             trainable_bytes=MiB // 4, **kw)
     # stream: forward copies ranks 2.. (the ring still holds 0, 1), backward ranks ..2 (it holds 4, 3)
-    p = offload.plan(blocks, MiB, 100 * GiB, MiB // 8, 2, strategy="stream", **kw)
+    p = plan(100 * GiB, strategy="stream")
     assert p.h2d_bytes_per_step == (1 + 2 + 3) * MiB + (4 + 4 + 1) * MiB and p.slot_bytes == 4 * MiB
     # fixed = root 1 + 4 x 0.25 (AdamW) + 2 x (5 x 1/8 + 1) = 5.25 MiB, blocks 14 MiB: all resident at 19.25 MiB
     budget = lambda need: int(need / 0.95) + 1      # a small budget keeps a 5% margin
-    p = offload.plan(blocks, MiB, budget(19.25 * MiB), MiB // 8, 2, **kw)
+    p = plan(budget(19.25 * MiB))
     assert p.streamed == [] and p.checkpointed == [0, 1, 2, 3, 4] and p.peak_bytes == int(19.25 * MiB)
     # a block that keeps its activations costs 2 x (2 - 1/8) = 3.75 MiB: 3.5 MiB spare buys nothing, 3.75 one block
-    assert offload.plan(blocks, MiB, budget(22.75 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3, 4]
-    assert offload.plan(blocks, MiB, budget(23.0 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3]
+    assert plan(budget(22.75 * MiB)).checkpointed == [0, 1, 2, 3, 4]
+    assert plan(budget(23.0 * MiB)).checkpointed == [0, 1, 2, 3]
     # 2 MiB short: streaming the 1, 2, 3 MiB blocks frees 6 but the ring takes 2 x 3; adding a 4 MiB one frees 10
     # for a ring of 2 x 4: the smallest set that fits
-    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, **kw)
+    p = plan(budget(17.25 * MiB))
     assert p.streamed == [1, 2, 3, 4] and p.resident == [0] and p.peak_bytes == int(17.25 * MiB)
     # inference: nothing saved, optimizer holds nothing, no checkpointing
-    p = offload.plan(blocks, MiB, None, MiB // 8, 2, train=False, **kw)
+    p = plan(None, train=False)
     assert p.checkpointed == [] and p.peak_bytes == MiB + MiB // 4 + 2 * MiB + 14 * MiB
+    # without a budget (a CPU run) nothing needs to fit: stream keeps every block resident, fsdp2 still shards
+    assert plan(None, strategy="stream").streamed == []
+    assert plan(None, strategy="fsdp2").streamed == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="choose one of"):
-        offload.plan(blocks, MiB, None, 0, 1, strategy="zero3", **kw)
+        plan(None, strategy="zero3")
     # keeping a block's MLP output costs 2 x 1/8 = 0.25 MiB, its attention output 2 x 1/4 = 0.5 MiB: spare memory
     # goes to them first, in that order, block by block...
-    kw["kept_bytes_per_block_sample"] = {"mlp": MiB // 8, "attention": MiB // 4}
-    assert offload.plan(blocks, MiB, budget(19.9 * MiB), MiB // 8, 2, **kw).kept == {"mlp": [0, 1]}
-    p = offload.plan(blocks, MiB, budget(21.7 * MiB), MiB // 8, 2, **kw)
+    acts = dataclasses.replace(acts, kept_outputs={"mlp": MiB // 8, "attention": MiB // 4})
+    assert plan(budget(19.9 * MiB)).kept == {"mlp": [0, 1]}
+    p = plan(budget(21.7 * MiB))
     assert p.checkpointed == p.kept["mlp"] == [0, 1, 2, 3, 4] and p.kept["attention"] == [0, 1]
     assert p.peak_bytes == int(21.5 * MiB)
     # ...then to whole blocks, which now cost 2 x (2 - 1/8) - 0.75 = 3 MiB more than keeping both outputs
-    assert offload.plan(blocks, MiB, budget(25.9 * MiB), MiB // 8, 2, **kw).checkpointed == [0, 1, 2, 3, 4]
-    p = offload.plan(blocks, MiB, budget(26.0 * MiB), MiB // 8, 2, **kw)
+    assert plan(budget(25.9 * MiB)).checkpointed == [0, 1, 2, 3, 4]
+    p = plan(budget(26.0 * MiB))
     assert p.checkpointed == p.kept["mlp"] == p.kept["attention"] == [0, 1, 2, 3] and p.peak_bytes == 26 * MiB
     # 2 MiB short, as above: streaming four blocks fits but leaves nothing to keep; when copies hide behind
-    # compute, streaming the fifth too frees 4 MiB (the ring stays 2 x 4), enough for both outputs of all five
-    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, **kw)
+    # compute (a step of HIDE_TOKENS tokens or more), streaming the fifth too frees 4 MiB (the ring stays 2 x 4),
+    # enough for both outputs of all five
+    p = plan(budget(17.25 * MiB), tokens_per_sample=offload.HIDE_TOKENS // 2 - 1)
     assert p.streamed == [1, 2, 3, 4] and not any(p.kept.values())
-    p = offload.plan(blocks, MiB, budget(17.25 * MiB), MiB // 8, 2, copies_hidden=True, **kw)
+    p = plan(budget(17.25 * MiB), tokens_per_sample=offload.HIDE_TOKENS // 2)
     assert p.streamed == [0, 1, 2, 3, 4] and p.kept == {"mlp": [0, 1, 2, 3, 4], "attention": [0, 1, 2, 3, 4]}
     assert p.peak_bytes == int((17.25 - 4 + 1.25 + 2.5) * MiB)
     # no budget (a CPU run): every checkpointed block keeps both; no checkpointing, nothing to keep
-    p = offload.plan(blocks, MiB, None, MiB // 8, 2, strategy="checkpoint", **kw)
+    p = plan(None, strategy="checkpoint")
     assert p.kept == {"mlp": [0, 1, 2, 3, 4], "attention": [0, 1, 2, 3, 4]}
-    assert offload.plan(blocks, MiB, None, MiB // 8, 2, strategy="none", **kw).kept == {}
+    assert plan(None, strategy="none").kept == {}
