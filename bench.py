@@ -36,7 +36,7 @@ memory is pinned once. `--runs` gives an explicit list instead (8x1024:auto+fuse
 order. A strategy's suffixes: +fuse compiles the glue between the matmuls (flux2.fuse, what
 train.py --compile does); +recompute makes checkpointed blocks recompute everything (plain
 checkpointing; by default the planner lets them keep their MLP and attention outputs when memory
-allows, offload.plan). Whole blocks compile only for a forward (--forward-only --compile): in
+allows, planner.plan). Whole blocks compile only for a forward (--forward-only --compile): in
 training, compiled blocks under the streamer are not safe (bench/RESULTS.md §6). results.json and
 results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
 """
@@ -61,6 +61,7 @@ import flux2
 import lora
 import models
 import offload
+import planner
 import weights
 from util import GiB, HelpFormatter, free_cuda
 
@@ -197,7 +198,7 @@ class Ours:
         self.filled = False
 
     def plan(self, strategy: str, batch: int, side: int, train: bool = True,
-             selective: bool = True) -> offload.Plan:
+             selective: bool = True) -> planner.Plan:
         """What offload.prepare would do for this run, without doing it."""
         return offload.plan_for(self.model, self.model.blocks,
                                 strategy=OURS.get(strategy, strategy), device=self.device,
@@ -206,7 +207,7 @@ class Ours:
                                 gpu_memory_limit=self.args.gpu_memory_limit, selective=selective)
 
     def prepare(self, strategy: str, batch: int, side: int, compile: bool = False,
-                train: bool = True, selective: bool = True) -> offload.Plan:
+                train: bool = True, selective: bool = True) -> planner.Plan:
         """Place the model for this run (re-planned, keeping host copies, except for FSDP2, which
         shards it); the first placement also writes the random values."""
         plan = offload.prepare(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy),
@@ -321,7 +322,7 @@ def schedule(configs, strategies, diffusers: bool) -> list[tuple[int, int, str]]
     return (base if diffusers else []) + runs
 
 
-def estimate_s(plan: offload.Plan | None, work: float, steps: int, args, pin_bytes: int,
+def estimate_s(plan: planner.Plan | None, work: float, steps: int, args, pin_bytes: int,
                pin_rate: float) -> float:
     """Rough seconds for a run: compute at half the peak, H2D at 45 GB/s (overlapped except under
     FSDP2), pinning."""
@@ -390,7 +391,7 @@ class TrainingRuns:
         """How many steps are timed after the warm-up (fewer at batch >= 4: they are long)."""
         return self.args.big_batch_steps if batch >= 4 else self.args.steps
 
-    def fits(self, r: dict, plan: offload.Plan | None, pin_bytes: int = 0,
+    def fits(self, r: dict, plan: planner.Plan | None, pin_bytes: int = 0,
              margin: float = 0.0) -> bool:
         """Whether run `r` would end before the deadline (estimate_s, plus `margin` seconds)."""
         work = flops(self.cfg, r["batch"], r["side"], self.args.txt_len)[1]
@@ -496,7 +497,7 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
             bench.measure(r)
         except torch.OutOfMemoryError:
             r["status"] = "OOM"
-        except offload.PlanError as e:
+        except planner.PlanError as e:
             r["status"] = f"does not fit: {e}"
         except Exception as e:              # a benchmark keeps going: record the error, free, next
             traceback.print_exc()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import offload
+import planner
 import text_encoder
 import vae
 import weights
@@ -314,7 +315,7 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu",
 def placed_dit(source: ModelSource, *, add_adapters: Callable[[Flux2], object],
                set_adapters: Callable[[Flux2], object], strategy: str = "auto", batch_size: int,
                tokens_per_sample: int, train: bool, gpu_memory_limit: float | None = None,
-               compile: bool = False, keep_host_copy: bool = False) -> tuple[Flux2, offload.Plan]:
+               compile: bool = False, keep_host_copy: bool = False) -> tuple[Flux2, planner.Plan]:
     """The DiT of `source` with adapters, placed for a run and filled, and its plan.
 
     Built on meta; `add_adapters` gives it its adapters (their shapes, so the plan places them too);

@@ -36,6 +36,7 @@ from torch import Tensor
 import flux2
 import lora
 import offload
+import planner
 import vae
 from flux2 import empirical_mu, image_ids, pack, text_ids, time_shift, unpack
 from models import ModelSource, Models, encode_text, model_defaults, placed_dit
@@ -268,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
                             "tokenizer/")
     model.add_argument("--model", choices=["tiny"],
                        help="the tiny random-weight demo model (CPU-friendly)")
-    p.add_argument("--offload", default="auto", choices=offload.STRATEGIES,
+    p.add_argument("--offload", default="auto", choices=planner.STRATEGIES,
                    help="how the DiT's blocks are placed on the GPU (offload.py); "
                         "auto: resident if they fit")
     p.add_argument("--gpu-memory-limit", type=float,
@@ -385,7 +386,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except (LoadError, lora.LoRAError, offload.PlanError) as e:
+    except (LoadError, lora.LoRAError, planner.PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -50,6 +50,7 @@ import flux2
 import lora
 import models
 import offload
+import planner
 import sample
 import util
 from flux2 import image_ids, pack, text_ids
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
            "uniform = U(0,1) as the diffusers trainer")
     a("--guidance", type=float, default=4.0,
       help="guidance value fed to the guidance embedder while training")
-    a("--offload", choices=offload.STRATEGIES, default="auto",
+    a("--offload", choices=planner.STRATEGIES, default="auto",
       help="block placement (offload.py): auto = resident if everything fits, else stream the "
            "fewest blocks (more when the batch hides the copies); spare memory keeps MLP and "
            "attention outputs, then skips checkpoints")
@@ -561,7 +562,7 @@ def check_ranks_agree(items: list[data.Item], *, resumed_step: int, cache: Path,
 # --------------------------------------------------------------------------------------------------
 # Phase 3: building the model and the optimizer, restoring a checkpoint
 
-def build_model(args, source: models.ModelSource) -> tuple[flux2.Flux2, offload.Plan,
+def build_model(args, source: models.ModelSource) -> tuple[flux2.Flux2, planner.Plan,
                                                           torch.optim.AdamW]:
     """The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when
     there are several) and filled; the glue between the matmuls compiled under --compile; AdamW
@@ -760,7 +761,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         result = train(args)
-    except (LoadError, lora.LoRAError, offload.PlanError) as e:
+    except (LoadError, lora.LoRAError, planner.PlanError) as e:
         print_error(e)
         return 2
     except NonFiniteLoss as e:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import flux2
 import lora
 import offload
+import planner
 from bench import make_inputs, tokens
 from models import fill_random
 
@@ -46,7 +47,7 @@ def differ(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="dev", choices=sorted(flux2.PRESETS))
-    p.add_argument("--strategy", default="stream", choices=offload.STRATEGIES)
+    p.add_argument("--strategy", default="stream", choices=planner.STRATEGIES)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--side", type=int, default=512)
     p.add_argument("--gpu-memory-limit", type=float, default=None)

@@ -21,6 +21,7 @@ import flux2
 import lora
 import models
 import offload
+import planner
 import sample
 import train
 import util
@@ -370,13 +371,13 @@ def test_fsdp2_keeps_shards_on_the_gpus_when_they_fit():
     trainable = sum(q.numel() * 4 for q in model.parameters() if q.requires_grad)
     unit = 4608 * 6144 * 2
     for W, B, on_gpu in ((2, 2, True), (2, 8, False), (8, 8, True)):
-        activations = offload.ActivationBytes(saved_input=offload.SAVED_INPUT_UNITS * unit,
-                                              working_set=offload.TRAIN_WORKING_SET_UNITS * unit,
-                                              whole_block=offload.WHOLE_BLOCK_UNITS * unit)
-        q = offload.plan(p.block_bytes, p.root_bytes, activations=activations, batch_size=B, budget_bytes=79 * GiB,
+        activations = planner.ActivationBytes(saved_input=planner.SAVED_INPUT_UNITS * unit,
+                                              working_set=planner.TRAIN_WORKING_SET_UNITS * unit,
+                                              whole_block=planner.WHOLE_BLOCK_UNITS * unit)
+        q = planner.plan(p.block_bytes, p.root_bytes, activations=activations, batch_size=B, budget_bytes=79 * GiB,
                          trainable_bytes=trainable, strategy="fsdp2", world_size=W)
         shards = (sum(p.block_bytes) + p.root_bytes) // W
-        extra = B * (offload.WHOLE_BLOCK_UNITS - offload.SAVED_INPUT_UNITS) * unit   # a block keeping activations
+        extra = B * (planner.WHOLE_BLOCK_UNITS - planner.SAVED_INPUT_UNITS) * unit   # a block keeping activations
         plain = lambda plan: 56 - len(plan.checkpointed)
         gathered = one_gpu[B].peak_bytes - plain(one_gpu[B]) * extra       # all 56 checkpointed, shards on the host
         with_shards = gathered + shards

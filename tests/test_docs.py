@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "how-it-works.md"
-MODULES = ("util", "flux2", "weights", "vae", "text_encoder", "lora", "offload", "data", "models", "train", "sample",
+MODULES = ("util", "flux2", "weights", "vae", "text_encoder", "lora", "offload", "planner", "data", "models",
+           "train", "sample",
            "bench")
 FILE_SUFFIXES = {"py", "md", "safetensors", "json", "jsonl", "png", "pt", "txt"}   # `train.py` is a file, not code
 REF = re.compile(rf"^({'|'.join(MODULES)})((?:\.[A-Za-z_]\w*)+)$")

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flux2
 import lora
 import offload
+import planner
 from util import GiB
 
 B, SIDE, LT = 2, 4, 8                      # batch, image side in tokens, text tokens
@@ -162,7 +163,7 @@ class CountKeptOps(TorchDispatchMode):
     def __init__(self, width):
         super().__init__()
         self.attention = self.mlp = 0
-        self.min_k = offload.MLP_MIN_K * width
+        self.min_k = planner.MLP_MIN_K * width
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.attention += func in offload._ATTENTION_OPS
@@ -327,7 +328,7 @@ def dev_fixed_bytes(p, batch_size, unit):
     # per double block 2 streams x (qkv 6144->18432 + proj 6144->6144), per single block qkv rows of linear1
     # (6144->18432) + linear2 (24576->6144)
     lora_bytes = 16 * (8 * 2 * (6144 + 18432 + 6144 + 6144) + 48 * (6144 + 18432 + 24576 + 6144)) * 4
-    per_sample = 56 * offload.SAVED_INPUT_UNITS + offload.TRAIN_WORKING_SET_UNITS
+    per_sample = 56 * planner.SAVED_INPUT_UNITS + planner.TRAIN_WORKING_SET_UNITS
     return p.root_bytes + 4 * lora_bytes + batch_size * per_sample * unit
 
 
@@ -357,10 +358,10 @@ def test_dev_1024_batch8_streams_more_blocks_so_that_every_block_keeps_its_mlp_o
     p = dev_plan(8, 1024)
     single, double = p.block_bytes[8], p.block_bytes[0]
     unit = 4608 * 6144 * 2
-    assert 8 * 4608 >= offload.HIDE_TOKENS and list(p.kept) == ["mlp", "attention"]
+    assert 8 * 4608 >= planner.HIDE_TOKENS and list(p.kept) == ["mlp", "attention"]
     available = 79 * GiB - 3 * GiB
-    mlp = 8 * int(offload.MLP_OUTPUT_UNITS * unit)                     # per block, batch 8
-    attn = 8 * int(offload.ATTENTION_OUTPUT_UNITS * unit)
+    mlp = 8 * int(planner.MLP_OUTPUT_UNITS * unit)                     # per block, batch 8
+    attn = 8 * int(planner.ATTENTION_OUTPUT_UNITS * unit)
     fixed = dev_fixed_bytes(p, 8, unit) + 56 * mlp
 
     def need(k):                                       # k blocks streamed, smallest first
@@ -380,17 +381,17 @@ def test_dev_batch1_stays_resident_and_spends_spare_memory_on_kept_outputs_then_
     p = dev_plan(1, side)
     assert p.streamed == [] and p.h2d_bytes_per_step == 0
     unit = ((side // 16) ** 2 + 512) * 6144 * 2
-    kept = int(offload.MLP_OUTPUT_UNITS * unit) + int(offload.ATTENTION_OUTPUT_UNITS * unit)
+    kept = int(planner.MLP_OUTPUT_UNITS * unit) + int(planner.ATTENTION_OUTPUT_UNITS * unit)
     budget, margin = 79 * GiB, 3 * GiB
     resident = dev_plan(1, side, strategy="checkpoint", selective=False).peak_bytes
-    whole_block = (offload.WHOLE_BLOCK_UNITS - offload.SAVED_INPUT_UNITS) * unit
+    whole_block = (planner.WHOLE_BLOCK_UNITS - planner.SAVED_INPUT_UNITS) * unit
     plain = (budget - margin - resident - 56 * kept) // (whole_block - kept)
     assert plain > 0 and p.checkpointed == p.kept["mlp"] == p.kept["attention"] == list(range(56 - plain))
     assert p.peak_bytes <= budget - margin
 
 
 def test_dev_does_not_fit_and_says_why():
-    with pytest.raises(offload.PlanError, match="even with every block streamed"):
+    with pytest.raises(planner.PlanError, match="even with every block streamed"):
         dev_plan(8, 1024, limit_gib=40.0)
     assert dev_plan(8, 1024, strategy="checkpoint").peak_bytes > 79 * GiB   # forced resident: over budget, warned
     assert "OVER BUDGET" in dev_plan(8, 1024, strategy="checkpoint").describe()
@@ -398,8 +399,8 @@ def test_dev_does_not_fit_and_says_why():
 
 def test_plan_arithmetic_on_round_numbers():
     blocks = [4 * MiB, 4 * MiB, 1 * MiB, 2 * MiB, 3 * MiB]
-    acts = offload.ActivationBytes(saved_input=MiB // 8, working_set=1 * MiB, whole_block=2 * MiB)
-    plan = lambda budget, **kw: offload.plan(blocks, MiB, activations=acts, batch_size=2, budget_bytes=budget,
+    acts = planner.ActivationBytes(saved_input=MiB // 8, working_set=1 * MiB, whole_block=2 * MiB)
+    plan = lambda budget, **kw: planner.plan(blocks, MiB, activations=acts, batch_size=2, budget_bytes=budget,
                                              trainable_bytes=MiB // 4, **kw)
     # stream: forward copies ranks 2.. (the ring still holds 0, 1), backward ranks ..2 (it holds 4, 3)
     p = plan(100 * GiB, strategy="stream")
@@ -437,9 +438,9 @@ def test_plan_arithmetic_on_round_numbers():
     # 2 MiB short, as above: streaming four blocks fits but leaves nothing to keep; when copies hide behind
     # compute (a step of HIDE_TOKENS tokens or more), streaming the fifth too frees 4 MiB (the ring stays 2 x 4),
     # enough for both outputs of all five
-    p = plan(budget(17.25 * MiB), tokens_per_sample=offload.HIDE_TOKENS // 2 - 1)
+    p = plan(budget(17.25 * MiB), tokens_per_sample=planner.HIDE_TOKENS // 2 - 1)
     assert p.streamed == [1, 2, 3, 4] and not any(p.kept.values())
-    p = plan(budget(17.25 * MiB), tokens_per_sample=offload.HIDE_TOKENS // 2)
+    p = plan(budget(17.25 * MiB), tokens_per_sample=planner.HIDE_TOKENS // 2)
     assert p.streamed == [0, 1, 2, 3, 4] and p.kept == {"mlp": [0, 1, 2, 3, 4], "attention": [0, 1, 2, 3, 4]}
     assert p.peak_bytes == int((17.25 - 4 + 1.25 + 2.5) * MiB)
     # no budget (a CPU run): every checkpointed block keeps both; no checkpointing, nothing to keep
