@@ -36,9 +36,11 @@ memory is pinned once. `--runs` gives an explicit list instead (8x1024:auto+fuse
 order. A strategy's suffixes: +fuse compiles the glue between the matmuls (flux2.fuse, what
 train.py --compile does); +recompute makes checkpointed blocks recompute everything (plain
 checkpointing; by default the planner lets them keep their MLP and attention outputs when memory
-allows, planner.plan). Whole blocks compile only for a forward (--forward-only --compile): in
-training, compiled blocks under the streamer are not safe (bench/RESULTS.md §6). results.json and
-results.md are rewritten after every run, so a run cut off by a time limit keeps what it measured.
+allows, planner.plan); +refN appends N reference images of the run's side to every sample, as an
+edit LoRA trains (the loss covers the target's tokens; the FLOPs count the references' too).
+Whole blocks compile only for a forward (--forward-only --compile): in training, compiled blocks
+under the streamer are not safe (bench/RESULTS.md §6). results.json and results.md are rewritten
+after every run, so a run cut off by a time limit keeps what it measured.
 """
 import os
 
@@ -72,15 +74,23 @@ OURS = {"resident": "checkpoint", "stream": "stream", "auto": "auto", "fsdp2": "
 # --------------------------------------------------------------------------------------------------
 # Measurements
 
-def tokens(side: int, txt_len: int) -> int:
-    """Tokens per sample: the image's (side/16)² patches and the text's."""
-    return (side // 16) ** 2 + txt_len
+def tokens(side: int, txt_len: int, refs: int = 0) -> int:
+    """Tokens per sample: the image's (side/16)² patches, as many for each reference image of the
+    same side (an edit LoRA's), and the text's."""
+    return (1 + refs) * (side // 16) ** 2 + txt_len
 
 
-def flops(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int) -> tuple[float, float]:
+def references(strategy: str) -> int:
+    """The reference images per sample a run's strategy names: '+ref2' -> 2, none -> 0."""
+    return sum(int(s[3:]) for s in strategy.split("+")[1:] if s.startswith("ref"))
+
+
+def flops(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int,
+          refs: int = 0) -> tuple[float, float]:
     """(model work, executed work) of one training step: flux2.train_step_flops, and 1.5x that for
-    what the GPU executes with full recompute (6·N·T + 4.5·A); see the module docstring."""
-    work = flux2.train_step_flops(cfg, batch, (side // 16) ** 2, txt_len)
+    what the GPU executes with full recompute (6·N·T + 4.5·A); see the module docstring. Reference
+    tokens cost what image tokens cost: they pass every block forward and backward."""
+    work = flux2.train_step_flops(cfg, batch, (1 + refs) * (side // 16) ** 2, txt_len)
     return work, 1.5 * work
 
 
@@ -116,27 +126,30 @@ def gpu_gib(device: torch.device) -> dict:
 
 
 def make_inputs(cfg: flux2.Flux2Config, batch: int, side: int, txt_len: int, device, dtype,
-                seed: int = 0):
-    """(model inputs, flow-matching-like target), random."""
+                seed: int = 0, refs: int = 0):
+    """(model inputs, flow-matching-like target), random; `refs` reference images of the same side
+    follow the target's tokens with time ids 10, 20, ... (the target covers the target's tokens)."""
     g = torch.Generator(device).manual_seed(seed)
     h = side // 16
-    img = torch.randn(batch, h * h, cfg.in_channels, generator=g, device=device, dtype=dtype)
+    img = torch.randn(batch, (1 + refs) * h * h, cfg.in_channels, generator=g, device=device,
+                      dtype=dtype)                                  # [B, (1 + refs) h², 128]
     txt = torch.randn(batch, txt_len, cfg.context_in_dim, generator=g, device=device, dtype=dtype)
-    img_ids = flux2.image_ids(h, h).to(device)[None].expand(batch, -1, -1)
+    img_ids = torch.cat([flux2.image_ids(h, h, t=10 * r) for r in range(1 + refs)])
+    img_ids = img_ids.to(device)[None].expand(batch, -1, -1)
     txt_ids = flux2.text_ids(txt_len).to(device)[None].expand(batch, -1, -1)
     t = torch.rand(batch, generator=g, device=device)
     guidance = torch.full((batch,), 4.0, device=device) if cfg.use_guidance_embed else None
-    target = torch.randn(img.shape, generator=g, device=device, dtype=dtype)
+    target = torch.randn(batch, h * h, cfg.in_channels, generator=g, device=device, dtype=dtype)
     return (img, img_ids, txt, txt_ids, t, guidance), target
 
 
 def train_step(forward, params: list, target: torch.Tensor, device: torch.device):
-    """One LoRA training step (MSE to the target, fused AdamW on the GPU) as a closure returning
-    the loss."""
+    """One LoRA training step (MSE to the target over the target's tokens, fused AdamW on the GPU)
+    as a closure returning the loss."""
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
     def step():
-        loss = F.mse_loss(forward().float(), target.float())
+        loss = F.mse_loss(forward()[:, :target.shape[1]].float(), target.float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -171,7 +184,7 @@ def summarise(r: dict, cfg, args, device):
     """Add s/step, samples/s, MFU/HFU and memory to a run record that ran (or ran out of memory)."""
     if r.get("steps_s"):
         s = sum(r["steps_s"]) / len(r["steps_s"])
-        model_f, exec_f = flops(cfg, r["batch"], r["side"], args.txt_len)
+        model_f, exec_f = flops(cfg, r["batch"], r["side"], args.txt_len, r.get("refs", 0))
         r.update(s_per_step=s, samples_per_s=r["batch"] / s)
         if args.peak_tflops:
             peak = args.peak_tflops * 1e12
@@ -198,32 +211,34 @@ class Ours:
         self.filled = False
 
     def plan(self, strategy: str, batch: int, side: int, train: bool = True,
-             selective: bool = True) -> planner.Plan:
+             selective: bool = True, refs: int = 0) -> planner.Plan:
         """What offload.prepare would do for this run, without doing it."""
         return offload.plan_for(self.model, self.model.blocks,
                                 strategy=OURS.get(strategy, strategy), device=self.device,
                                 batch_size=batch,
-                                tokens_per_sample=tokens(side, self.args.txt_len), train=train,
+                                tokens_per_sample=tokens(side, self.args.txt_len, refs),
+                                train=train,
                                 gpu_memory_limit=self.args.gpu_memory_limit, selective=selective)
 
     def prepare(self, strategy: str, batch: int, side: int, compile: bool = False,
-                train: bool = True, selective: bool = True) -> planner.Plan:
+                train: bool = True, selective: bool = True, refs: int = 0) -> planner.Plan:
         """Place the model for this run (re-planned, keeping host copies, except for FSDP2, which
         shards it); the first placement also writes the random values."""
         plan = offload.prepare(self.model, self.model.blocks, strategy=OURS.get(strategy, strategy),
                                device=self.device, batch_size=batch,
-                               tokens_per_sample=tokens(side, self.args.txt_len), train=train,
-                               gpu_memory_limit=self.args.gpu_memory_limit, compile=compile,
+                               tokens_per_sample=tokens(side, self.args.txt_len, refs),
+                               train=train, gpu_memory_limit=self.args.gpu_memory_limit,
+                               compile=compile,
                                keep_host_copy=strategy != "fsdp2", selective=selective)
         if not self.filled:
             self.source.fill_dit(self.model)
             self.filled = True
         return plan
 
-    def step_fn(self, batch: int, side: int):
+    def step_fn(self, batch: int, side: int, refs: int = 0):
         """One training step on random inputs, as a closure."""
         x, target = make_inputs(self.cfg, batch, side, self.args.txt_len, self.device,
-                                self.args.dtype)
+                                self.args.dtype, refs=refs)
         return train_step(lambda: self.model(*x), self.lora, target, self.device)
 
     def free(self):
@@ -272,10 +287,10 @@ class Diffusers:
         """Drop the model (free_memory then gives its GPU memory back)."""
         self.model = self.lora = None
 
-    def step_fn(self, batch: int, side: int):
+    def step_fn(self, batch: int, side: int, refs: int = 0):
         """One training step on the same random inputs as ours, as a closure."""
         (img, img_ids, txt, txt_ids, t, guidance), target = make_inputs(
-            self.cfg, batch, side, self.args.txt_len, self.device, self.args.dtype)
+            self.cfg, batch, side, self.args.txt_len, self.device, self.args.dtype, refs=refs)
         forward = lambda: self.model(hidden_states=img, encoder_hidden_states=txt,  # noqa: E731
                                      timestep=t, img_ids=img_ids, txt_ids=txt_ids,
                                      guidance=guidance, return_dict=False)[0]
@@ -394,7 +409,7 @@ class TrainingRuns:
     def fits(self, r: dict, plan: planner.Plan | None, pin_bytes: int = 0,
              margin: float = 0.0) -> bool:
         """Whether run `r` would end before the deadline (estimate_s, plus `margin` seconds)."""
-        work = flops(self.cfg, r["batch"], r["side"], self.args.txt_len)[1]
+        work = flops(self.cfg, r["batch"], r["side"], self.args.txt_len, r["refs"])[1]
         steps = self.args.warmup + self.timed_steps(r["batch"])
         seconds = estimate_s(plan, work, steps, self.args, pin_bytes, self.pin_rate)
         return time.time() + seconds + margin <= self.deadline
@@ -404,7 +419,7 @@ class TrainingRuns:
         the reason in r["status"]: the plan does not fit the budget, or the time would not."""
         fresh = family not in self.live
         model = self.model_for(family)
-        plan = model.plan(kind, r["batch"], r["side"], selective=selective)
+        plan = model.plan(kind, r["batch"], r["side"], selective=selective, refs=r["refs"])
         r["plan"], r["h2d_plan_gib"] = plan.describe(), plan.h2d_bytes_per_step / GiB
         r["pinned_plan_gib"] = sum(plan.block_bytes[i] for i in plan.streamed) / GiB
         if plan.budget_bytes and plan.peak_bytes > 1.05 * plan.budget_bytes:
@@ -421,7 +436,7 @@ class TrainingRuns:
             return None
         t0 = time.time()
         if family == "ours" or fresh:    # FSDP2 shards once; later runs only change the batch
-            model.prepare(kind, r["batch"], r["side"], selective=selective)
+            model.prepare(kind, r["batch"], r["side"], selective=selective, refs=r["refs"])
         r["prepare_s"] = time.time() - t0
         pinned = offload.stats(model.model)["host_copy_bytes"] - have
         if pinned > GiB:
@@ -452,7 +467,7 @@ class TrainingRuns:
         free_memory(self.device)
         moved = (lambda: offload.stats(model.model)["moved_bytes"]) if family == "ours" else \
             (lambda: 0)
-        r.update(timed_steps(model.step_fn(r["batch"], r["side"]), self.args.warmup,
+        r.update(timed_steps(model.step_fn(r["batch"], r["side"], r["refs"]), self.args.warmup,
                              self.timed_steps(r["batch"]), self.deadline, self.device,
                              f"{r['batch']}x{r['side']} {r['strategy']}", moved))
         if family == "ours" and r["steps_s"]:
@@ -488,8 +503,9 @@ def run_training(args, device, out: Path, meta: dict, t_start: float):
     bench = TrainingRuns(args, device, deadline=t_start + args.time_budget)
     results = []
     for b, side, strategy in runs:
-        r = {"batch": b, "side": side, "strategy": strategy,
-             "tokens_per_sample": tokens(side, args.txt_len), "status": "ok"}
+        refs = references(strategy)
+        r = {"batch": b, "side": side, "strategy": strategy, "refs": refs,
+             "tokens_per_sample": tokens(side, args.txt_len, refs), "status": "ok"}
         results.append(r)
         elapsed = time.time() - t_start
         print(f"\n=== {b}x{side} {strategy} ({elapsed:.0f} s elapsed) ===", flush=True)
@@ -562,8 +578,9 @@ def _parser() -> argparse.ArgumentParser:
                         "2x1024; forward-only 1x1024,1x512)")
     p.add_argument("--strategies", default="auto,stream,resident,auto+fuse,fsdp2",
                    help="resident | stream | auto | fsdp2, each optionally +fuse (flux2.fuse: "
-                        "compiled elementwise glue) and +recompute (checkpointed blocks keep no "
-                        "MLP or attention outputs)")
+                        "compiled elementwise glue), +recompute (checkpointed blocks keep no "
+                        "MLP or attention outputs) and +refN (N reference images of the same "
+                        "side per sample, as an edit LoRA trains)")
     p.add_argument("--runs", default=None,
                    help="explicit runs in this order, BxSIDE:STRATEGY comma-separated "
                         "(8x1024:auto+fuse,1x512:diffusers); replaces --configs x --strategies")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from util import atomic_write, print0
@@ -257,7 +257,19 @@ def save(model: nn.Module, path, metadata: dict | None = None):
                         f"call inject() or load() first")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update(_describe(model), format="pt")    # ours last: load() relies on them being true
-    atomic_write(path, lambda tmp: save_file(lora_state_dict(model), tmp, metadata=meta))
+    raw = _sorted_header(safetensors_bytes(lora_state_dict(model), metadata=meta))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))     # mode 0666 less the umask
+
+
+def _sorted_header(raw: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in key order: safetensors writes a hash map
+    in an order that changes from run to run, and the same adapters should give the same file."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                 # the tensors start 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ autoencoder, DiT) has one method that builds it from any of them:
 
 The DiT of a run is built on the meta device (no memory), given its adapters, placed by offload.py
 (resident, streamed or FSDP2-sharded) and only then filled, one tensor at a time from the
-memory-mapped files, so the whole DiT never sits in host memory (`placed_dit`).
+memory-mapped files, so the whole DiT never sits in host memory (`placed_dit`). The text encoder
+sits on the GPU whole when it fits the budget, else it runs one layer at a time
+(`ModelSource.load_text_encoder`).
 
 Read top to bottom: where a snapshot keeps its parts; how random weights are made; `ModelSource`,
 one method per part; `load_models`, the whole stack at once (sampling in-process, tests);
@@ -30,8 +32,8 @@ import text_encoder
 import vae
 import weights
 from flux2 import PRESETS, Flux2
-from text_encoder import TEXT_PRESETS, MistralEncoder, Tokenizer
-from util import LoadError
+from text_encoder import TEXT_PRESETS, MistralEncoder, Tokenizer, encode_by_layers
+from util import GiB, LoadError
 from vae import AE_PRESETS, AutoEncoder
 
 
@@ -167,9 +169,10 @@ class Models:
 
 
 @torch.no_grad()
-def encode_text(models: Models, prompts: list[str]) -> Tensor:
-    """Prompts -> text features [N, 512, ctx] in the model dtype. One prompt per forward, so a
-    prompt's features do not depend on the others it came with (a PNG's settings reproduce it)."""
+def encode_text(models: Models, prompts: list[str], store=None) -> Tensor:
+    """Prompts -> text features [N, 512, ctx] in the model dtype, on `store` (default: the
+    device). One prompt per forward, so a prompt's features do not depend on the others it came
+    with (a PNG's settings reproduce it)."""
     if models.text_encoder is None or models.tokenizer is None:
         raise ValueError("the text encoder is not loaded (freed after encoding?); "
                          "pass precomputed txt= features")
@@ -177,8 +180,20 @@ def encode_text(models: Models, prompts: list[str]) -> Tensor:
     for prompt in prompts:
         ids, mask = models.tokenizer.encode_prompts([prompt])
         features = models.text_encoder(ids.to(models.device), mask.to(models.device))
-        out.append(features.to(models.dtype))                      # [1, 512, ctx]
+        out.append(features.to(store or models.device, models.dtype))   # [1, 512, ctx]
     return torch.cat(out)
+
+
+def _gpu_free(device: torch.device, gpu_memory_limit: float | None) -> int | None:
+    """Bytes a new model may take on `device`: what is free, and under --gpu-memory-limit no more
+    than the limit less what this process holds; None on the CPU without a limit (no need to
+    fit)."""
+    if device.type != "cuda":
+        return None if gpu_memory_limit is None else int(gpu_memory_limit * GiB)
+    free = torch.cuda.mem_get_info(device)[0]
+    if gpu_memory_limit is not None:
+        free = min(free, int(gpu_memory_limit * GiB) - torch.cuda.memory_reserved(device))
+    return free
 
 
 class ModelSource:
@@ -189,15 +204,19 @@ class ModelSource:
     dtype: the DiT's and the text encoder's (default bfloat16 on CUDA, else float32); the
     autoencoder runs in float32 or wider. text_layers: the encoder layers whose outputs are the
     features (None: the family's FLUX.2 layers, dev Mistral 10/20/30, klein Qwen3 9/18/27). seed:
-    the tiny model's weights (train.py and sample.py use seed 0: `--model tiny` is one model)."""
+    the tiny model's weights (train.py and sample.py use seed 0: `--model tiny` is one model).
+    gpu_memory_limit: GiB (--gpu-memory-limit) the text encoder must fit in to sit on the GPU
+    whole; text_by_layers: True / False forces layer by layer / whole (None: decide by size)."""
 
     def __init__(self, model: str | None, model_dir, device, dtype: torch.dtype | None = None, *,
-                 text_layers: tuple[int, ...] | None = None, seed: int = 0):
+                 text_layers: tuple[int, ...] | None = None, seed: int = 0,
+                 gpu_memory_limit: float | None = None, text_by_layers: bool | None = None):
         self.name, self.model_dir, self.device = model, model_dir, torch.device(device)
         self.tiny = model == "tiny"
         self.random = RANDOM_MODELS.get(model)       # (DiT preset, text encoder preset) or None
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.text_layers, self.seed = text_layers, seed
+        self.gpu_memory_limit, self.text_by_layers = gpu_memory_limit, text_by_layers
         self.paths = None
         if not (self.tiny or self.random):           # a missing part or mismatched pair fails here
             self.paths = snapshot_paths(model_dir)
@@ -218,28 +237,83 @@ class ModelSource:
             return f"{self.name}-text-seed{self.seed}"
         return f"{self.paths['text'].resolve()}|{self.paths['tokenizer'].resolve()}"
 
-    def load_text(self) -> tuple[Tokenizer, MistralEncoder]:
-        """The tokenizer, and the text encoder on the device in the model dtype."""
-        if self.tiny:
-            encoder = _seeded(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), self.seed + 2)
-            return Tokenizer.tiny(), _frozen(encoder.to(self.device, self.dtype))
-        if self.random:
-            build = lambda: MistralEncoder(TEXT_PRESETS[self.random[1]])   # noqa: E731
-            return Tokenizer.tiny(), _frozen(_random(build, self.dtype, self.device))
+    def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer (the tiny byte-level one for the tiny and random models)."""
+        if self.paths is None:
+            return Tokenizer.tiny()
         tokenizer = Tokenizer(self.paths["tokenizer"])
         family = text_encoder.text_family(self.paths["text"])
         if tokenizer.family != family:
             raise LoadError(f"{self.paths['tokenizer']}: a {tokenizer.family} tokenizer next to a "
                             f"{family} text encoder; use the snapshot's own tokenizer/")
-        encoder = text_encoder.load_text_encoder(self.paths["text"], self.text_layers,
-                                                 device=self.device, dtype=self.dtype)
-        return tokenizer, _frozen(encoder)
+        return tokenizer
+
+    def load_text(self) -> tuple[Tokenizer, MistralEncoder]:
+        """The tokenizer, and the text encoder on the device in the model dtype."""
+        return self.load_tokenizer(), self._whole_text_encoder()
+
+    def _whole_text_encoder(self) -> MistralEncoder:
+        """The text encoder on the device in the model dtype."""
+        if self.tiny:
+            encoder = _seeded(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), self.seed + 2)
+            return _frozen(encoder.to(self.device, self.dtype))
+        if self.random:
+            build = lambda: MistralEncoder(TEXT_PRESETS[self.random[1]])   # noqa: E731
+            return _frozen(_random(build, self.dtype, self.device))
+        return _frozen(text_encoder.load_text_encoder(self.paths["text"], self.text_layers,
+                                                      device=self.device, dtype=self.dtype))
+
+    def _text_parts(self) -> tuple[MistralEncoder, Callable[[str, nn.Module], None]]:
+        """The text encoder on meta and a function that gives one of its parts ("layers.3") its
+        weights on the device: read from the snapshot's files, copied from the tiny model's seeded
+        encoder, or (random models) drawn by fill_random, every part from the same seed, so these
+        features differ from those of the whole random encoder (which draws one stream)."""
+        weights = None if self.paths is None else text_encoder.TextWeights(self.paths["text"],
+                                                                           self.text_layers)
+        cfg = weights.cfg if weights else TEXT_PRESETS["tiny" if self.tiny else self.random[1]]
+        seeded = _seeded(lambda: MistralEncoder(cfg), self.seed + 2) if self.tiny else None
+        with torch.device("meta"):
+            encoder = _frozen(MistralEncoder(cfg).to(self.dtype))
+
+        def load(name: str, part: nn.Module):
+            if weights is not None:
+                weights.load(part, name, device=self.device, dtype=self.dtype)
+                return
+            part.to_empty(device=self.device)
+            if seeded is not None:
+                part.load_state_dict(seeded.get_submodule(name).state_dict())
+            else:
+                fill_random(part, self.device)
+        return encoder, load
 
     def load_text_encoder(self) -> Callable[[list[str]], Tensor]:
-        """A function prompts -> text features [N, 512, ctx]; dropping it frees the encoder."""
-        stack = Models(device=self.device, dtype=self.dtype)
-        stack.tokenizer, stack.text_encoder = self.load_text()
-        return lambda prompts: encode_text(stack, prompts)
+        """A function prompts -> text features [N, 512, ctx] (on the device when they fit there,
+        else on the CPU); dropping it frees the encoder. The encoder sits on the device whole when
+        it fits the GPU budget with a margin of min(3 GiB, 5%), else every call runs it one layer
+        at a time for all its prompts (text_encoder.encode_by_layers); text_by_layers forces
+        either."""
+        tokenizer, (encoder, load) = self.load_tokenizer(), self._text_parts()
+        itemsize, cfg = encoder.embed_tokens.weight.itemsize, encoder.cfg
+        by_layers = self.text_by_layers
+        if by_layers is None:
+            free = _gpu_free(self.device, self.gpu_memory_limit)
+            need = sum(p.numel() for p in encoder.parameters()) * itemsize
+            by_layers = free is not None and need + min(3 * GiB, free // 20) > free
+
+        def store(prompts: list[str]):          # the features and residual streams of a sweep
+            free = _gpu_free(self.device, self.gpu_memory_limit)
+            per_prompt = (1 + 2 * len(cfg.output_layers)) * 512 * cfg.hidden_size * itemsize
+            return self.device if free is None or len(prompts) * per_prompt < free // 2 else "cpu"
+        if not by_layers:
+            stack = Models(device=self.device, dtype=self.dtype, tokenizer=tokenizer,
+                           text_encoder=self._whole_text_encoder())
+            return lambda prompts: encode_text(stack, prompts, store=store(prompts))
+
+        def encode(prompts: list[str]) -> Tensor:
+            ids, mask = tokenizer.encode_prompts(prompts)                  # [N, 512]
+            return encode_by_layers(encoder, ids, mask, load=load, device=self.device,
+                                    store=store(prompts))
+        return encode
 
     def load_ae(self) -> AutoEncoder:
         """The autoencoder on the device, float32 or wider (loaded once, kept for previews)."""
@@ -315,20 +389,23 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu",
 def placed_dit(source: ModelSource, *, add_adapters: Callable[[Flux2], object],
                set_adapters: Callable[[Flux2], object], strategy: str = "auto", batch_size: int,
                tokens_per_sample: int, train: bool, gpu_memory_limit: float | None = None,
-               compile: bool = False, keep_host_copy: bool = False) -> tuple[Flux2, planner.Plan]:
+               host_memory_limit: float | None = None, compile: bool = False,
+               keep_host_copy: bool = False, reserve_bytes: int = 0) -> tuple[Flux2, planner.Plan]:
     """The DiT of `source` with adapters, placed for a run and filled, and its plan.
 
     Built on meta; `add_adapters` gives it its adapters (their shapes, so the plan places them too);
     offload.prepare places it (and prints the plan) for forwards of `batch_size` samples of
-    `tokens_per_sample` tokens; the values are written one tensor at a time, so the whole DiT never
-    sits in host memory; `set_adapters` then gives the adapters theirs. The tiny model is built with
-    its values, so `add_adapters` alone serves it."""
+    `tokens_per_sample` tokens, within gpu_memory_limit and host_memory_limit (GiB) less
+    reserve_bytes (see offload.plan_for); the values are written one tensor at a time, so the whole DiT never sits in
+    host memory; `set_adapters` then gives the adapters theirs. The tiny model is built with its
+    values, so `add_adapters` alone serves it."""
     dit = source.build_dit()
     add_adapters(dit)
     plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=source.device,
                            batch_size=batch_size, tokens_per_sample=tokens_per_sample, train=train,
                            gpu_memory_limit=gpu_memory_limit, compile=compile,
-                           keep_host_copy=keep_host_copy)
+                           keep_host_copy=keep_host_copy, host_memory_limit=host_memory_limit,
+                           reserve_bytes=reserve_bytes)
     if source.fill_dit(dit):
         set_adapters(dit)
     return dit, plan

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
 
 from planner import (INFER_WORKING_SET_UNITS, MLP_MIN_K, SAVED_INPUT_UNITS, STRATEGIES,
                      TRAIN_WORKING_SET_UNITS, WHOLE_BLOCK_UNITS, ActivationBytes, Plan,
-                     kept_outputs, plan)
+                     kept_outputs, out_of_memory, plan)
 from util import GiB, ceil_div, print0, rank_world
 
 
@@ -485,16 +485,65 @@ def cap_gpu_memory(device, gib: float | None):
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total), device)
 
 
-def _budget(model: nn.Module, device: torch.device) -> int:
-    """GPU bytes this model may use: free memory plus what the model already holds there; with
-    several ranks the smallest rank's, so that every rank takes the same decisions."""
+def host_budget(gib: float | None, meminfo="/proc/meminfo") -> float | None:
+    """GiB of host memory a run may pin for streamed weights: `gib` as given (--host-memory-limit),
+    else what the system reports available (MemAvailable, which counts the page cache that the
+    memory-mapped weight files fill) less a margin of 10%, at most 4 GiB; None (no limit) where
+    there is no /proc/meminfo."""
+    if gib is not None:
+        return gib
+    try:
+        fields = dict(line.split(":", 1) for line in open(meminfo).read().splitlines())
+        available = int(fields["MemAvailable"].split()[0]) * 1024          # "24103956 kB"
+    except (OSError, KeyError, ValueError):
+        return None
+    return (available - min(available // 10, 4 * GiB)) / GiB
+
+
+class OutOfMemoryGuard:
+    """`with` this around a run: running out of memory inside ends in planner.OutOfMemory, one line
+    naming the budget that ran out, what the plan wanted and the flags that help. GPU: torch's
+    OutOfMemoryError (the caching allocator, held to --gpu-memory-limit). Host: MemoryError, the
+    CPU allocator's "can't allocate memory", and a failed page-lock (pin_memory's cudaHostAlloc
+    fails with a plain RuntimeError "CUDA error: out of memory"; the GPU's own shortage always
+    comes as OutOfMemoryError). The run sets `during` (what it does) and `plan` once it has one."""
+
+    def __init__(self, *, gpu_memory_limit: float | None, host_memory_limit: float | None):
+        self.limits = {"GPU": gpu_memory_limit, "host": host_memory_limit}     # GiB, None: none
+        self.during, self.plan = "starting", None
+
+    def __enter__(self) -> "OutOfMemoryGuard":
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, torch.OutOfMemoryError):
+            budget = "GPU"
+        elif isinstance(error, MemoryError) or isinstance(error, RuntimeError) and any(
+                s in str(error) for s in ("out of memory", "can't allocate memory")):
+            budget = "host"
+        else:
+            return False
+        limit = None if self.limits[budget] is None else int(self.limits[budget] * GiB)
+        if self.plan is not None:               # the budgets the plan was made for
+            limit = self.plan.budget_bytes if budget == "GPU" else self.plan.host_budget_bytes
+        raise out_of_memory(budget, during=self.during, plan=self.plan,
+                            limit_bytes=limit) from None
+
+
+def _budget(model: nn.Module, device: torch.device, *, limit_gib: float | None) -> int:
+    """GPU bytes this model may use: the limit (else the free memory) less what others hold there,
+    plus what the model already holds; with several ranks the smallest rank's, so that every rank
+    takes the same decisions."""
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(device)
     state = _state(model)
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in [*model.parameters(), *model.buffers(), *(state.streamer.ring if state.streamer
                                                                else [])]
             if t.device == device}
+    if limit_gib is None:
+        free, _ = torch.cuda.mem_get_info(device)
+    else:                             # the cap counts only the caching allocator's bytes
+        free = int(limit_gib * GiB) - torch.cuda.memory_allocated(device)
     budget = torch.tensor([free + sum(held.values())], device=device)
     if rank_world()[1] > 1:
         dist.all_reduce(budget, op=dist.ReduceOp.MIN)
@@ -514,10 +563,14 @@ def _width_and_itemsize(blocks: list[nn.Module]) -> tuple[int, int]:
 def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device,
              batch_size: int, tokens_per_sample: int, train: bool = True,
              gpu_memory_limit: float | None = None, ring_size: int = 2, selective: bool = True,
-             compile: bool = False) -> "Plan":
+             compile: bool = False, host_memory_limit: float | None = None,
+             reserve_bytes: int = 0) -> "Plan":
     """The plan prepare() would apply, measured from the model (nothing is moved); batch_size is
     this rank's. selective=False: checkpointed blocks keep nothing but their input (the report's
-    plain checkpointing)."""
+    plain checkpointing). host_memory_limit: GiB this machine may pin for streamed weights, shared
+    by its torchrun processes (None: no limit; the CLIs pass host_budget's). The GPU budget is
+    what the limit (or the card) leaves after what others already hold there (the autoencoder)
+    and reserve_bytes, what the run needs beside the model at its peak (sample.py's decode)."""
     device = _device(device)
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -535,22 +588,28 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
         whole_block=WHOLE_BLOCK_UNITS * unit,
         kept_outputs=(kept_outputs(unit, width=width, tokens_per_sample=tokens_per_sample)
                       if selective else {}))
-    if gpu_memory_limit is not None:
-        budget = int(gpu_memory_limit * GiB)
-    elif device.type == "cuda":
-        budget = _budget(model, device)
+    if device.type == "cuda":
+        budget = _budget(model, device, limit_gib=gpu_memory_limit) - reserve_bytes
+    elif gpu_memory_limit is not None:
+        budget = int(gpu_memory_limit * GiB) - reserve_bytes
     else:
         budget = None                 # a CPU run without a limit: nothing to fit
+    host_budget_bytes = None
+    if host_memory_limit is not None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))      # processes on this machine
+        host_budget_bytes = int(host_memory_limit * GiB) // local_world
     return plan(block_bytes, root_bytes, activations=activations, batch_size=batch_size,
                 budget_bytes=budget, trainable_bytes=trainable_bytes,
                 strategy=strategy, train=train, ring_size=ring_size, world_size=rank_world()[1],
-                tokens_per_sample=tokens_per_sample, width=width, compile=compile)
+                tokens_per_sample=tokens_per_sample, width=width, compile=compile,
+                host_budget_bytes=host_budget_bytes)
 
 
 def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device,
             batch_size: int, tokens_per_sample: int, train: bool = True,
             gpu_memory_limit: float | None = None, ring_size: int = 2, compile: bool = False,
-            keep_host_copy: bool = False, selective: bool = True) -> "Plan":
+            keep_host_copy: bool = False, selective: bool = True,
+            host_memory_limit: float | None = None, reserve_bytes: int = 0) -> "Plan":
     """Place the model for training or inference and print and return the plan: root and trainable
     parameters on `device`, each block resident, streamed or FSDP2-sharded, checkpointed to train.
 
@@ -562,13 +621,13 @@ def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto"
     be called again with another plan (not after fsdp2); keep_host_copy=True keeps host copies of
     blocks that become resident, so re-plans need no pinning. compile=True compiles whole blocks
     where the plan allows it (Plan.compiled). selective=False: checkpointed blocks keep nothing but
-    their input (see plan()). Under torchrun, fsdp2 shards over every rank (all ranks call this with
-    the same arguments)."""
+    their input (see plan()). host_memory_limit: see plan_for. Under torchrun, fsdp2 shards over
+    every rank (all ranks call this with the same arguments)."""
     device = _device(device)
     p = plan_for(model, blocks, strategy=strategy, device=device, batch_size=batch_size,
                  tokens_per_sample=tokens_per_sample, train=train,
                  gpu_memory_limit=gpu_memory_limit, ring_size=ring_size, selective=selective,
-                 compile=compile)
+                 compile=compile, host_memory_limit=host_memory_limit, reserve_bytes=reserve_bytes)
     if p.strategy == "fsdp2":
         _apply_fsdp2(model, blocks, p, device=device)
     else:

@@ -6,7 +6,7 @@ moved per step) and the calibrations in bench/RESULTS.md §6.
 """
 from dataclasses import dataclass, field
 
-from util import GiB
+from util import GiB, LoadError
 
 STRATEGIES = ("auto", "none", "checkpoint", "stream", "fsdp2")
 
@@ -38,7 +38,31 @@ HIDE_TOKENS = 16384
 
 
 class PlanError(ValueError):
-    """The run does not fit the GPU even with every block streamed; the message names the fix."""
+    """The run does not fit the GPU even with every block streamed, or the host memory it would pin
+    exceeds the host budget; the message names the budget, the shortfall and the fix."""
+
+
+class OutOfMemory(LoadError):
+    """The GPU or host ran out of memory although the plan fitted (an estimate, or memory used by
+    others); the message names the budget, what the plan wanted and the flags that help."""
+
+
+# The flags that change how much memory a run needs, named in every out-of-memory message
+MEMORY_FLAGS = "--gpu-memory-limit, --host-memory-limit, --batch-size, --offload stream"
+
+
+def out_of_memory(budget: str, *, during: str, plan: "Plan | None" = None,
+                  limit_bytes: int | None = None) -> OutOfMemory:
+    """The one-line error for running out of `budget` ("GPU" or "host") while `during`: what the
+    plan wanted of that budget (when there is a plan) and which flags help."""
+    limit = f" (limit {_size(limit_bytes)})" if limit_bytes is not None else ""
+    wanted = ""
+    if plan is not None:
+        want = plan.peak_bytes if budget == "GPU" else plan.host_bytes
+        wanted = (f"; the offload plan '{plan.strategy}' for batch {plan.batch_size} wanted "
+                  f"~{_size(want)} of it")
+    return OutOfMemory(f"{budget} memory ran out{limit} while {during}{wanted}; lower what the "
+                       f"run needs or raise what it may use: {MEMORY_FLAGS}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,17 @@ class Plan:
     world_size: int = 1          # fsdp2: ranks the blocks are sharded over
     cpu_offload: bool = True     # fsdp2: the shards live in host memory (else on the GPUs)
     compiled: bool = False       # whole blocks run compiled (inference with every block resident)
+    host_budget_bytes: int | None = None   # host memory the run may pin (None: no limit)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory holding streamed weights (pinned on CUDA machines): our ring's host copies,
+        or this rank's FSDP2 shards when they live in host memory."""
+        if self.strategy == "fsdp2":
+            if not self.cpu_offload:
+                return 0
+            return (sum(self.block_bytes) + self.root_bytes) // self.world_size
+        return sum(self.block_bytes[i] for i in self.streamed)
 
     @property
     def slot_bytes(self) -> int:
@@ -137,6 +172,11 @@ class Plan:
         over = " -- OVER BUDGET, expect out-of-memory" if over else ""
         where = "" if fits else "GPU "
         lines.append(f"  estimated peak {where}memory {_size(self.peak_bytes)}{budget}{over}")
+        if self.host_bytes or self.host_budget_bytes is not None:
+            host_budget = ("" if self.host_budget_bytes is None
+                           else f" of a {_size(self.host_budget_bytes)} host budget")
+            lines.append(f"  host memory for streamed weights: {_size(self.host_bytes)}"
+                         f"{host_budget}" + " per rank" * (W > 1))
         if self.streamed and (self.strategy != "fsdp2" or self.cpu_offload):
             lines.append(f"  host -> GPU per step: {_size(self.h2d_bytes_per_step)}"
                          + " per rank" * (W > 1))
@@ -182,6 +222,7 @@ class _Fit:
     ring_slots: int              # GPU slots streamed blocks pass through, each the largest's size
     budget_bytes: int | None     # None: no GPU to fit (a CPU run)
     margin_bytes: int
+    host_budget_bytes: int | None = None   # what streamed blocks may take of host memory
 
     @property
     def available(self) -> int | None:
@@ -198,12 +239,18 @@ class _Fit:
         sets = (_stream_set(self.block_bytes, k) for k in range(len(self.block_bytes) + 1))
         return next((s for s in sets if self.peak(s, kept_bytes) <= self.available), None)
 
+    def host_fits(self, streamed: list[int]) -> bool:
+        """Whether these blocks' host copies fit the host budget."""
+        host = sum(self.block_bytes[i] for i in streamed)
+        return self.host_budget_bytes is None or host <= self.host_budget_bytes
+
 
 def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationBytes,
          batch_size: int, budget_bytes: int | None, trainable_bytes: int = 0,
          strategy: str = "auto", train: bool = True, ring_size: int = 2, world_size: int = 1,
          margin_bytes: int | None = None, tokens_per_sample: int | None = None,
-         width: int | None = None, compile: bool = False) -> Plan:
+         width: int | None = None, compile: bool = False,
+         host_budget_bytes: int | None = None) -> Plan:
     """Decide resident / streamed / checkpointed blocks, and which outputs checkpointed blocks keep,
     from byte counts (a pure function); batch_size is per rank, activations are per sample.
 
@@ -214,9 +261,11 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
         [+ B x (whole_block - saved_input - sum(kept_outputs)) per block not checkpointed].
     Without autograd (train=False) nothing is saved and the optimizer holds no state. The peak must
     fit the budget less a margin (default min(3 GiB, 5%)); without a budget (a CPU run) nothing
-    needs to fit and only fsdp2 moves blocks. Steps: which blocks stream (_blocks_to_stream), where
-    fsdp2 keeps its shards, what spare memory buys back (_spend_spare_memory). tokens_per_sample
-    (whether copies hide behind compute: HIDE_TOKENS) and width are recorded in the plan."""
+    needs to fit and only fsdp2 moves blocks. Streamed blocks (or fsdp2's shards in host memory)
+    must also fit host_budget_bytes (None: no limit). Steps: which blocks stream
+    (_blocks_to_stream), where fsdp2 keeps its shards, what spare memory buys back
+    (_spend_spare_memory). tokens_per_sample (whether copies hide behind compute: HIDE_TOKENS) and
+    width are recorded in the plan."""
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     n, B = len(block_bytes), batch_size
@@ -230,7 +279,8 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
     if margin_bytes is None:
         margin_bytes = 0 if budget_bytes is None else min(3 * GiB, budget_bytes // 20)
     fit = _Fit(list(block_bytes), fixed, ring_slots=2 if strategy == "fsdp2" else ring_size,
-               budget_bytes=budget_bytes, margin_bytes=margin_bytes)
+               budget_bytes=budget_bytes, margin_bytes=margin_bytes,
+               host_budget_bytes=host_budget_bytes)
     streamed = _blocks_to_stream(fit, strategy=strategy, batch_size=B, kept_tiers=kept_tiers,
                                  copies_hidden=tokens_per_sample is not None
                                  and B * tokens_per_sample >= HIDE_TOKENS)
@@ -239,6 +289,9 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
         shards = (sum(block_bytes) + root_bytes) // world_size
         cpu_offload = fit.available is not None and peak + shards > fit.available
         peak += 0 if cpu_offload else shards
+    if strategy == "fsdp2" and cpu_offload:
+        _check_host(fit, (sum(block_bytes) + root_bytes) // world_size,
+                    what="FSDP2's shards in host memory", fix="use more GPUs (torchrun)")
     # a block that skips checkpointing keeps every activation instead of its input and kept outputs.
     # FSDP2 gathers a block again for its backward either way, so its blocks may skip checkpointing;
     # our ring needs the checkpoint (the backward reads the weights the recompute bound)
@@ -256,7 +309,16 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
                 checkpointed=checkpointed, kept=kept, ring_size=ring_size, peak_bytes=peak,
                 budget_bytes=budget_bytes, train=train, batch_size=batch_size,
                 tokens_per_sample=tokens_per_sample, width=width, world_size=world_size,
-                cpu_offload=cpu_offload, compiled=compiled)
+                cpu_offload=cpu_offload, compiled=compiled, host_budget_bytes=host_budget_bytes)
+
+
+def _check_host(fit: _Fit, host_bytes: int, *, what: str, fix: str):
+    """PlanError when host_bytes exceed the host budget: by how much, and what helps."""
+    if fit.host_budget_bytes is not None and host_bytes > fit.host_budget_bytes:
+        raise PlanError(f"{what} need {_size(host_bytes)} of host memory, "
+                        f"{_size(host_bytes - fit.host_budget_bytes)} more than the "
+                        f"{_size(fit.host_budget_bytes)} host budget: raise --host-memory-limit "
+                        f"(or free host memory), or {fix}")
 
 
 def _blocks_to_stream(fit: _Fit, *, strategy: str, batch_size: int, kept_tiers: dict[str, int],
@@ -266,7 +328,11 @@ def _blocks_to_stream(fit: _Fit, *, strategy: str, batch_size: int, kept_tiers: 
     copies hide behind compute, as many more as it takes for every block to keep each output of
     kept_tiers (bytes per block for the batch, best first) in turn, as far as that goes."""
     n = len(fit.block_bytes)
-    if strategy == "fsdp2" or strategy == "stream" and fit.available is not None:
+    if strategy == "fsdp2":
+        return list(range(n))
+    if strategy == "stream" and fit.available is not None:
+        _check_host(fit, sum(fit.block_bytes), what="--offload stream: all blocks",
+                    fix="use --offload auto (it streams only what the GPU cannot hold)")
         return list(range(n))
     if strategy != "auto" or fit.available is None or fit.peak([]) <= fit.available:
         return []
@@ -276,11 +342,15 @@ def _blocks_to_stream(fit: _Fit, *, strategy: str, batch_size: int, kept_tiers: 
         raise PlanError(f"batch {batch_size} does not fit a {_size(fit.budget_bytes)} GPU even "
                         f"with every block streamed (needs ~{_size(needs)}): lower the batch size "
                         f"or resolution, or raise --gpu-memory-limit")
+    _check_host(fit, sum(fit.block_bytes[i] for i in streamed),
+                what=f"batch {batch_size} on a {_size(fit.budget_bytes)} GPU: "
+                     f"{len(streamed)} streamed blocks",
+                fix="raise --gpu-memory-limit or lower --batch-size (fewer blocks streamed)")
     if copies_hidden:                   # more streaming costs nothing here; recomputing does
         kept_bytes = 0
         for per_block in kept_tiers.values():
             more = fit.fewest_streamed(kept_bytes + n * per_block)
-            if more is None:
+            if more is None or not fit.host_fits(more):
                 break
             streamed, kept_bytes = more, kept_bytes + n * per_block
     return streamed

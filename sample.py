@@ -23,14 +23,17 @@ v = v("") + cfg * (v(prompt) - v("")), both rows in one batch. models.py builds 
 import argparse
 import json
 import math
+import os
 import random
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
 from torch import Tensor
 
 import flux2
@@ -38,8 +41,10 @@ import lora
 import offload
 import planner
 import vae
+from data import prepare_refs
 from flux2 import empirical_mu, image_ids, pack, text_ids, time_shift, unpack
-from models import ModelSource, Models, encode_text, model_defaults, placed_dit
+from models import RANDOM_MODELS, ModelSource, Models, encode_text, model_defaults, placed_dit
+import util
 from util import HelpFormatter, LoadError, default_device, free_cuda
 from vae import AutoEncoder
 
@@ -94,32 +99,7 @@ def noise(seed: int, h16: int, w16: int, channels: int = 128) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference images for editing (reference §7.3)
-
-def prepare_ref(img: Image.Image, limit: int, name: str = "reference image") -> Tensor:
-    """A reference image as the reference prepares it: RGB, area capped at `limit` (LANCZOS),
-    centre-cropped to multiples of 16 -> pixels [3, H, W] in [-1, 1], float32."""
-    img = img.convert("RGB")
-    w, h = img.size
-    if min(w, h) < 64 or max(w / h, h / w) > 8:
-        raise LoadError(f"{name}: {w}x{h} is too small or too elongated; "
-                        f"use sides >= 64 px and an aspect ratio <= 8")
-    if w * h > limit:
-        s = math.sqrt(limit / (w * h))
-        img = img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS)
-        w, h = img.size
-    left, top = (w - w // 16 * 16) // 2, (h - h // 16 * 16) // 2
-    img = img.crop((left, top, left + w // 16 * 16, top + h // 16 * 16))
-    return vae.to_pixels(img)
-
-
-def prepare_refs(images: list[Image.Image], names: list[str] | None = None) -> list[Tensor]:
-    """All reference images of one call; the area cap is 2024^2 (sic) for a single one, 1024^2
-    each for several."""
-    limit = 2024 ** 2 if len(images) == 1 else 1024 ** 2
-    names = names or ["reference image"] * len(images)
-    return [prepare_ref(img, limit, name) for img, name in zip(images, names)]
-
+# Reference images for editing (reference §7.3; data.prepare_refs prepares them as training does)
 
 @torch.no_grad()
 def encode_refs(ae: AutoEncoder, images: list[Image.Image],
@@ -267,14 +247,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="FLUX.2-dev or -klein snapshot: transformer/ or flux2-dev.safetensors "
                             "(flux-2-klein-*.safetensors), vae/ or ae.safetensors, text_encoder/, "
                             "tokenizer/")
-    model.add_argument("--model", choices=["tiny"],
-                       help="the tiny random-weight demo model (CPU-friendly)")
+    model.add_argument("--model", choices=["tiny", *RANDOM_MODELS],
+                       help="tiny: the random-weight demo model (CPU-friendly); "
+                            f"{', '.join(RANDOM_MODELS)}: full-size random weights, to rehearse "
+                            "a card's speed and memory (use --device cuda)")
     p.add_argument("--offload", default="auto", choices=planner.STRATEGIES,
                    help="how the DiT's blocks are placed on the GPU (offload.py); "
                         "auto: resident if they fit")
     p.add_argument("--gpu-memory-limit", type=float,
                    help="GiB this run may use on the GPU: the planner's budget and a hard "
                         "allocator cap, to rehearse a smaller card (default: what is free)")
+    p.add_argument("--host-memory-limit", type=float,
+                   help="GiB of host memory the planner may pin for streamed weights (default: "
+                        "what the system reports available, less 10%% or at most 4 GiB)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile whole blocks when all are resident, else the glue between "
                         "the matmuls (flux2.fuse) (default: on with CUDA; ~30 s warm-up)")
@@ -289,7 +274,7 @@ def _read_prompts(args) -> list[str]:
         if not args.prompts.is_file():
             raise LoadError(f"{args.prompts}: no such prompts file; "
                             f"pass a text file with one prompt per line")
-        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        lines = util.read_text(args.prompts).splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
     return prompts
 
@@ -300,22 +285,34 @@ def _settings(args) -> dict:
     flags = {"width": args.width, "height": args.height, "steps": args.steps,
              "guidance": args.guidance, "cfg": args.cfg, "seed": args.seed, "lora": args.lora,
              "lora_scale": args.lora_scale, "refs": args.ref,
-             "model": "tiny" if args.model else args.model_dir}
+             "model": args.model or args.model_dir}
     s.update({k: v for k, v in flags.items() if v is not None})
     s["prompts"] = _read_prompts(args) or ([s["prompt"]] if "prompt" in s else [])
     if not s["prompts"]:
         raise LoadError("no prompt; pass --prompt TEXT, --prompts FILE or --from-png FILE")
     if not s.get("model"):
         raise LoadError("no model; pass --model-dir FLUX.2-snapshot or --model tiny")
-    for key, value in model_defaults(None if s["model"] == "tiny" else s["model"]).items():
+    built_in = s["model"] in ("tiny", *RANDOM_MODELS)               # no snapshot: dev's defaults
+    for key, value in model_defaults(None if built_in else s["model"]).items():
         s.setdefault(key, value)     # a PNG's or flag's cfg (1 included: off) wins: it is stored
     if s.get("lora") and not Path(s["lora"]).is_file():
         raise LoadError(f"{s['lora']}: no such LoRA file; "
                         f"pass the .safetensors that train.py wrote")
     if "seed" not in s:
         s["seed"] = random.randrange(2 ** 31)
+    _check_numbers(s)
     s["width"], s["height"] = snap16(s["width"], s["height"])
     return s
+
+
+def _check_numbers(s: dict) -> None:
+    """The numeric settings' ranges, from the flags or a PNG (NaN and inf fail every check)."""
+    for key, low in (("width", 16), ("height", 16), ("steps", 1)):
+        if s[key] < low:
+            raise LoadError(f"--{key} {s[key]}: must be at least {low}")
+    for key in ("lora_scale", "guidance", "cfg"):
+        if s.get(key) is not None and not math.isfinite(s[key]):
+            raise LoadError(f"--{key.replace('_', '-')} {s[key]}: must be a finite number")
 
 
 def _open_image(path) -> Image.Image:
@@ -329,26 +326,57 @@ def _open_image(path) -> Image.Image:
                         f"pass a PNG/JPEG/WebP file") from None
 
 
+def warn_if_edit_lora(path) -> None:
+    """Warn that the LoRA at `path` is an edit LoRA (its metadata says so): it learned to change
+    reference images, and sampling it without --ref leaves what it learned unused."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:           # an unreadable file: lora.load names it with its own error
+        return
+    if meta.get("edit") == "true":
+        warnings.warn(f"{path} is an edit LoRA trained with {meta.get('references', '?')} "
+                      f"reference image(s); pass them with --ref")
+
+
 def run(args) -> list[Path]:
-    """Generate every prompt with the settings of `args`; returns the PNG paths written."""
+    """Generate every prompt with the settings of `args`; returns the PNG paths written. Running
+    out of memory ends in planner.OutOfMemory naming the budget and the plan."""
+    with offload.OutOfMemoryGuard(gpu_memory_limit=args.gpu_memory_limit,
+                                  host_memory_limit=args.host_memory_limit) as memory:
+        return _run(args, memory)
+
+
+def _run(args, memory: offload.OutOfMemoryGuard) -> list[Path]:
+    """run()'s three steps: text features, the placed DiT, the images."""
     s = _settings(args)
-    tiny = s["model"] == "tiny"
-    # the tiny demo, or a snapshot: a missing part fails here, before anything is loaded
-    source = ModelSource("tiny" if tiny else "dev", None if tiny else s["model"],
-                         default_device(args.device))
+    n = len(s["prompts"])
+    outs = [args.out] if n == 1 else \
+        [args.out.with_name(f"{args.out.stem}_{i:03d}{args.out.suffix}") for i in range(n)]
+    check_out(args.out)                     # before the work, not after it
+    built_in = s["model"] in ("tiny", *RANDOM_MODELS)
+    # the tiny demo, a random model, or a snapshot: a missing part fails here, before any loading
+    source = ModelSource(s["model"] if built_in else "dev", None if built_in else s["model"],
+                         default_device(args.device), gpu_memory_limit=args.gpu_memory_limit)
     refs = [_open_image(r) for r in s["refs"]]
+    if s.get("lora") and not refs:
+        warn_if_edit_lora(s["lora"])
     ref_tokens = sum(t.shape[1] * t.shape[2] // 256 for t in prepare_refs(refs, s["refs"]))
     offload.cap_gpu_memory(source.device, args.gpu_memory_limit)
 
-    # 1. every prompt through the text encoder, then free it: it and the DiT do not fit on one GPU
+    # 1. every prompt (and CFG's empty one) through the text encoder in one sweep, then free it:
+    # it and the DiT do not fit on one GPU
+    memory.during = "encoding the prompts"
+    cfg = (s.get("cfg") or 0) > 1                                  # klein base: CFG against ""
     encode = source.load_text_encoder()
-    txt = encode(s["prompts"])                                     # [N, 512, ctx]
-    txt_uncond = encode([""]) if (s.get("cfg") or 0) > 1 else None   # klein base: CFG against ""
+    txt = encode(s["prompts"] + [""] * cfg)                        # [N (+ 1), 512, ctx]
+    txt, txt_uncond = (txt[:-1], txt[-1:]) if cfg else (txt, None)
     del encode
     free_cuda()
 
     # 2. the autoencoder, then the DiT with the LoRA, placed by offload.py in what is left
     ae = source.load_ae()
+    ae_itemsize = next(ae.parameters()).element_size()
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     compile = source.device.type == "cuda" if args.compile is None else args.compile
 
@@ -356,23 +384,25 @@ def run(args) -> list[Path]:
         if s.get("lora"):
             lora.load(dit, s["lora"], scale=s["lora_scale"])
 
+    memory.during = "placing the DiT"
     dit, plan = placed_dit(source, add_adapters=with_lora, set_adapters=with_lora,
                            strategy=args.offload, batch_size=1 if txt_uncond is None else 2,
                            tokens_per_sample=tokens, train=False,
-                           gpu_memory_limit=args.gpu_memory_limit, compile=compile)
+                           gpu_memory_limit=args.gpu_memory_limit, compile=compile,
+                           host_memory_limit=offload.host_budget(args.host_memory_limit),
+                           reserve_bytes=vae.decode_bytes(ae.config, height=s["height"],
+                                                          width=s["width"], itemsize=ae_itemsize))
+    memory.during, memory.plan = "sampling", plan
     flux2.fuse(compile and not plan.compiled)     # streamed: compile the glue between the matmuls
     models = Models(device=source.device, dtype=source.dtype, dit=dit, ae=ae)
 
     # 3. sample and decode, one image at a time
-    n = len(s["prompts"])
-    outs = [args.out] if n == 1 else \
-        [args.out.with_name(f"{args.out.stem}_{i:03d}{args.out.suffix}") for i in range(n)]
     for i, (prompt, out) in enumerate(zip(s["prompts"], outs)):
         seed = s["seed"] + i
         img, = generate(models, width=s["width"], height=s["height"], steps=s["steps"],
                         guidance=s["guidance"], seeds=[seed], refs=refs, txt=txt[i:i + 1],
                         cfg=s.get("cfg"), txt_uncond=txt_uncond)
-        save_png(img, out, {"prompt": prompt, "seed": seed, "steps": s["steps"],
+        save_or_keep(img, out, {"prompt": prompt, "seed": seed, "steps": s["steps"],
                             "guidance": s["guidance"], "cfg": s.get("cfg"), "width": s["width"],
                             "height": s["height"], "lora": s.get("lora"),
                             "lora_scale": s["lora_scale"] if s.get("lora") else None,
@@ -381,15 +411,43 @@ def run(args) -> list[Path]:
     return outs
 
 
-def main(argv=None) -> int:
-    """CLI entry point; a user mistake ends in one line on stderr and exit code 2."""
-    args = _parser().parse_args(argv)
+def check_out(path: Path) -> None:
+    """Refuse an output PNG path that saving would refuse: a folder, a missing or unwritable
+    parent folder."""
+    if path.is_dir():
+        raise LoadError(f"--out {path}: is a folder; name a .png file")
+    if not path.parent.is_dir():
+        raise LoadError(f"--out {path}: the folder {path.parent} does not exist; create it or "
+                        f"name another")
+    util.check_writable(path.parent, flag="--out")
+
+
+def save_or_keep(img: Image.Image, path: Path, settings: dict) -> None:
+    """save_png to `path`; when that fails after all the sampling, the image goes to a new file in
+    the temp folder instead and the error (exit 2) says where."""
     try:
+        save_png(img, path, settings)
+    except OSError as e:
+        e.filename = str(path)
+        fd, kept = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".png")   # a new name
+        os.close(fd)
+        save_png(img, kept, settings)
+        raise LoadError(f"{util.os_error_line(e)}; the image is saved as {kept}") from None
+
+
+def main(argv=None) -> int:
+    """CLI entry point; a user mistake, a full or read-only disk or running out of memory ends in
+    one line on stderr and exit code 2."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+
+    def body() -> int:
         run(args)
-    except (LoadError, lora.LoRAError, planner.PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return util.guard(body, user_errors=(lora.LoRAError, planner.PlanError))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ library: an HF tokenizer.json as it is, a Mistral tekken.json converted to a byt
 Follows docs/flux2_reference.md §6 (§6.1 dev, §6.2 klein) and docs/oracle.md §4. The encoder
 returns the hidden states FLUX.2 reads (dev: layers 10/20/30, klein: 9/18/27), stacked into the
 DiT's context [B, 512, 3 x hidden]; only the layers up to the deepest one are built and read from
-disk.
+disk. An encoder too big for the GPU (dev's 24B Mistral on a 24 GB card) runs one layer at a time
+(`encode_by_layers`): each layer is read, every pending prompt passes through it, it is dropped.
 """
 import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import tokenizers
 import torch
@@ -169,16 +171,47 @@ class MistralEncoder(nn.Module):
         """input_ids [B, L], attention_mask [B, L] (1 = real token) ->
         [B, L, len(output_layers) * H], per token [hs[k1] | hs[k2] | ...] where hs[k] is the
         residual stream after k layers."""
-        L = input_ids.shape[1]
         x = self.embed_tokens(input_ids)                                              # [B, L, H]
-        cos, sin = mistral_rope(L, self.cfg.head_dim, self.cfg.rope_theta, x)
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        mask = (causal & attention_mask.bool()[:, None, :])[:, None]                  # [B, 1, L, L]
+        positions = self.positions(x, attention_mask)
         hidden = {}
         for k, layer in enumerate(self.layers, start=1):
-            x = layer(x, cos, sin, mask)
+            x = layer(x, *positions)
             hidden[k] = x
         return torch.cat([hidden[k] for k in self.cfg.output_layers], dim=-1)
+
+    def positions(self, x: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What every layer reads besides x [B, L, H]: RoPE cos, sin [L, D] in x's dtype and the
+        causal mask [B, 1, L, L] that also hides the pads (True = may attend)."""
+        L = x.shape[1]
+        cos, sin = mistral_rope(L, self.cfg.head_dim, self.cfg.rope_theta, x)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        return cos, sin, (causal & attention_mask.bool()[:, None, :])[:, None]
+
+
+@torch.no_grad()
+def encode_by_layers(encoder: MistralEncoder, input_ids: Tensor, attention_mask: Tensor, *,
+                     load: Callable[[str, nn.Module], None], device, store) -> Tensor:
+    """MistralEncoder.forward one part at a time, for an encoder built on meta that does not fit
+    the GPU: `load(name, part)` gives a part its weights on `device` ("embed_tokens", "layers.0",
+    ...); every prompt passes through it, one per forward as in models.encode_text (so the features
+    equal the resident encoder's bit for bit), then it goes back to meta. The residual streams and
+    the kept hidden states wait on `store` (the device, or the CPU when they do not fit there).
+    input_ids, attention_mask [N, L] -> [N, L, len(output_layers) x H] on store."""
+    N, out = len(input_ids), encoder.cfg.output_layers
+    load("embed_tokens", encoder.embed_tokens)
+    xs = [encoder.embed_tokens(input_ids[i:i + 1].to(device)).to(store)               # [1, L, H]
+          for i in range(N)]
+    encoder.embed_tokens.to("meta")
+    hidden = {}
+    for k, layer in enumerate(encoder.layers, start=1):
+        load(f"layers.{k - 1}", layer)
+        for i in range(N):
+            x = xs[i].to(device)
+            xs[i] = layer(x, *encoder.positions(x, attention_mask[i:i + 1].to(device))).to(store)
+        layer.to("meta")
+        if k in out:
+            hidden[k] = list(xs)
+    return torch.cat([torch.cat([hidden[k][i] for k in out], dim=-1) for i in range(N)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,33 +303,54 @@ def _our_name(key: str, num_layers: int) -> str | None:
     return None if name.startswith("norm.") or unbuilt_layer else name
 
 
+class TextWeights:
+    """The text-encoder tensors of an HF Mistral3 / Mistral / Qwen3 checkpoint folder (one file or
+    index + shards) under our names, checked from the headers and read part by part from the
+    memory-mapped files; layers None = the family's FLUX.2 layers."""
+
+    def __init__(self, path, layers=None):
+        self.path = Path(path)
+        self.cfg = _text_config(self.path, layers)
+        with torch.device("meta"):
+            names = set(MistralEncoder(self.cfg).state_dict())
+        # Decide from the headers alone which tensors to read: the skipped ones (vision tower,
+        # lm_head, final norm, layers 30-39 of dev) are a third of the 48 GB and never touch host
+        # memory.
+        self.file_of, self.name_of = {}, {}
+        for file in safetensors_files(self.path):
+            for key in read_keys([file]):
+                name = _our_name(key, max(self.cfg.output_layers))
+                if name is not None:
+                    self.file_of[key], self.name_of[key] = file, name
+        foreign = [k for k, name in self.name_of.items() if k == name]
+        if foreign:
+            raise LoadError(f"{self.path}: unexpected key {foreign[0]!r}; pass the "
+                            f"transformers-format shards (model-*.safetensors + index), not "
+                            f"Mistral's consolidated.safetensors")
+        missing = sorted(names - set(self.name_of.values()))
+        if missing:
+            raise LoadError(f"{self.path}: {len(missing)} text-encoder tensors missing, e.g. "
+                            f"{missing[:3]}; is the download complete?")
+
+    def load(self, part: nn.Module, prefix: str, *, device, dtype):
+        """Give `part`, the submodule `prefix` of a MistralEncoder on meta ("" = all of it, else
+        e.g. "layers.3"), its tensors on `device` in `dtype`."""
+        start = prefix + "." if prefix else ""
+        names = {k: n[len(start):] for k, n in self.name_of.items() if n.startswith(start)}
+        files = sorted({self.file_of[k] for k in names})
+        tensors = ((names[k], t) for k, t in iter_tensors(files, keep=names.__contains__))
+        what = f"{'Qwen3' if self.cfg.qk_norm else 'Mistral'} text encoder {prefix}".rstrip()
+        assign_weights(part, tensors, device=device, dtype=dtype, source=self.path, what=what)
+
+
 def load_text_encoder(path, layers=None, device="cpu", dtype=torch.bfloat16) -> MistralEncoder:
     """Load the language model of an HF Mistral3 / Mistral / Qwen3 checkpoint folder (one file or
     index + shards), reading only embeddings and layers below max(layers) from disk; layers None =
     the family's FLUX.2 layers."""
-    path = Path(path)
-    cfg = _text_config(path, layers)
-    files = safetensors_files(path)
+    weights = TextWeights(path, layers)
     with torch.device("meta"):
-        model = MistralEncoder(cfg)
-    # Decide from the headers alone which tensors to read: the skipped ones (vision tower, lm_head,
-    # final norm, layers 30-39 of dev) are a third of the 48 GB and never touch host memory.
-    wanted = {k: _our_name(k, len(model.layers)) for k in read_keys(files)}
-    wanted = {k: name for k, name in wanted.items() if name is not None}
-    foreign = [k for k, name in wanted.items() if k == name]
-    if foreign:
-        raise LoadError(f"{path}: unexpected key {foreign[0]!r}; pass the transformers-format "
-                        f"shards (model-*.safetensors + index), not Mistral's "
-                        f"consolidated.safetensors")
-    missing = sorted(set(model.state_dict()) - set(wanted.values()))
-    if missing:
-        raise LoadError(f"{path}: {len(missing)} text-encoder tensors missing, e.g. {missing[:3]}; "
-                        f"is the download complete?")
-
-    tensors = ((wanted[k], t) for k, t in iter_tensors(files, keep=wanted.__contains__))
-    what = "Qwen3" if cfg.qk_norm else "Mistral"
-    assign_weights(model, tensors, device=device, dtype=dtype, source=path,
-                   what=f"{what} text encoder")
+        model = MistralEncoder(weights.cfg)
+    weights.load(model, "", device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -27,11 +27,13 @@ one process would with the same batch. Rank 0 writes every file; checkpoints hol
 so a run resumes on any number of ranks.
 """
 import argparse
-import hashlib
 import json
+import math
 import os
 import random
+import re
 import sys
+import textwrap
 import time
 import tomllib
 import warnings
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 import data
@@ -59,7 +61,8 @@ from util import LoadError
 KEEP_CHECKPOINTS = 3
 # Flags that define the state being resumed (a different value cannot continue it) ...
 STRUCTURAL = ("data", "model", "model_dir", "rank", "alpha", "lora_targets", "resolution",
-              "buckets", "repeats", "batch_size", "seed", "default_caption")
+              "buckets", "repeats", "batch_size", "seed", "default_caption", "control_dir",
+              "control_resolution", "caption_dropout")
 # ... and flags that may change on resume (e.g. a lower --lr after a NaN), at the price of a
 # different run.
 TUNABLE = ("lr", "weight_decay", "timestep_sampling", "guidance", "grad_accum", "sample_steps")
@@ -80,15 +83,17 @@ def sample_timesteps(n: int, how: str, mu: float, generator: torch.Generator) ->
 
 
 def micro_batch_loss(model, batch: dict, generator: torch.Generator, *, device: torch.device,
-                     guidance: float | None, timestep_sampling: str,
-                     sample_steps: int) -> torch.Tensor:
+                     guidance: float | None, timestep_sampling: str, sample_steps: int,
+                     caption_dropout: float = 0.0,
+                     empty_txt: torch.Tensor | None = None) -> torch.Tensor:
     """Draw t and noise for a cached batch from `generator` (on the CPU, so a seed means the same
     run on any device) and return its flow-matching loss, under bf16 autocast on CUDA;
-    `sample_steps` picks the shift's mu as the sampler does.
+    `sample_steps` picks the shift's mu as the sampler does. With caption_dropout P > 0, each row
+    trains on the empty prompt's features `empty_txt` [1, 512, ctx] with probability P.
 
-    When the batch holds only this rank's rows of the global batch (data.Loader), t and noise are
-    still drawn for the whole global batch, so every rank consumes the generator as one process
-    does, and the loss is this rank's share of the global mean."""
+    When the batch holds only this rank's rows of the global batch (data.Loader), t, noise and the
+    dropout draws are still drawn for the whole global batch, so every rank consumes the
+    generator as one process does, and the loss is this rank's share of the global mean."""
     x0 = batch["latents"].to(device)                                    # [m, 128, h, w]
     txt = batch["ctx"].to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     index, total = batch["index"], batch["total"]       # the rows' places in the global batch
@@ -96,25 +101,36 @@ def micro_batch_loss(model, batch: dict, generator: torch.Generator, *, device: 
     t = sample_timesteps(total, timestep_sampling, mu, generator)       # [total]
     noise = torch.randn((total, *x0.shape[1:]), generator=generator)    # [total, 128, h, w]
     rows = index.clamp(max=total - 1)                   # padding rows repeat the last draw
+    if caption_dropout > 0:             # drawn last: P = 0 draws nothing, so old runs stay exact
+        drop = torch.rand(total, generator=generator)[rows] < caption_dropout          # [m]
+        txt = torch.where(drop.view(-1, 1, 1).to(device), empty_txt.to(txt), txt)
+    refs = [r.to(device) for r in batch.get("refs", [])]    # one [m, 128, h_r, w_r] per slot
     weight = None if torch.equal(index, torch.arange(total)) else (index < total).float() / total
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return flow_matching_loss(model, x0, txt, t[rows].to(device), noise[rows].to(device),
-                                  guidance, weight)
+                                  guidance, weight, refs=refs)
 
 
 def flow_matching_loss(model, x0: torch.Tensor, txt: torch.Tensor, t: torch.Tensor,
                        noise: torch.Tensor, guidance: float | None,
-                       weight: torch.Tensor | None = None) -> torch.Tensor:
+                       weight: torch.Tensor | None = None,
+                       refs: list[torch.Tensor] = ()) -> torch.Tensor:
     """MSE between the predicted velocity and eps - x0 at x_t = (1 - t)·x0 + t·eps.
     x0, noise [B, 128, h, w] latents; txt [B, 512, ctx]; t [B] -> scalar (float32): the mean over
-    the batch, or with `weight` [B] the weighted sum of the rows' means (a rank's share)."""
+    the batch, or with `weight` [B] the weighted sum of the rows' means (a rank's share).
+    Reference latents refs[r] [B, 128, h_r, w_r] join as clean tokens after the target with time
+    id 10 (r + 1), as at sampling (reference §7.3); the loss covers the target tokens only."""
     B, _, h, w = x0.shape
     tb = t.view(B, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * noise
     dtype = txt.dtype               # bf16 on CUDA: t is quantized in the embedding as at sampling
     g = None if guidance is None else torch.full((B,), guidance, device=x0.device)
-    pred = model(pack(x_t).to(dtype), image_ids(h, w)[None].to(x0.device), txt,
-                 text_ids(txt.shape[1])[None].to(x0.device), t.to(x0.device), g)    # [B, h*w, 128]
+    img, ids = pack(x_t).to(dtype), image_ids(h, w)[None]               # [B, L, 128], [1, L, 4]
+    for r, ref in enumerate(refs):
+        img = torch.cat([img, pack(ref).to(dtype)], dim=1)              # [B, L + L_ref, 128]
+        ids = torch.cat([ids, image_ids(*ref.shape[-2:], t=10 * (r + 1))[None]], dim=1)
+    pred = model(img, ids.to(x0.device), txt, text_ids(txt.shape[1])[None].to(x0.device),
+                 t.to(x0.device), g)[:, :h * w]                         # [B, h*w, 128]: target
     if weight is None:
         return F.mse_loss(pred.float(), pack(noise - x0).float())
     per_row = (pred.float() - pack(noise - x0).float()).square().mean(dim=(1, 2))    # [B]
@@ -160,34 +176,54 @@ def checkpoint_path(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:06d}.pt"
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, boundary: dict, args) -> Path:
-    """Write out/checkpoints/step-N.pt atomically and keep the newest KEEP_CHECKPOINTS."""
-    state = {"step": step, "lora": {n: p.detach().cpu() for n, p in trainable(model).items()},
-             "optimizer": optimizer.state_dict(), **boundary, "args": vars(args)}
+def save_checkpoint(out: Path, step: int, model, optimizer, boundary: dict, args, *,
+                    dataset: str = "", rotate: bool = True) -> Path | None:
+    """Write out/checkpoints/step-N.pt atomically and, with `rotate`, keep the newest
+    KEEP_CHECKPOINTS. Adapters holding NaN or inf are never written: returns None then."""
+    lora_state = {n: p.detach().cpu() for n, p in trainable(model).items()}
+    if not all(torch.isfinite(t).all() for t in lora_state.values()):
+        return None
+    state = {"step": step, "lora": lora_state, "optimizer": optimizer.state_dict(), **boundary,
+             "args": vars(args), "dataset": dataset}
     path = checkpoint_path(out, step)
-    util.atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:      # a file object: a full disk raises OSError(ENOSPC)
+            torch.save(state, f)
+
+    util.atomic_write(path, write)
+    for old in checkpoints(out)[:-KEEP_CHECKPOINTS] if rotate else []:
         old.unlink()
     return path
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by save_checkpoint."""
+    """A checkpoint written by save_checkpoint; LoadError when it is unreadable or its adapters
+    are not finite."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LoadError(f"{path}: unreadable checkpoint ({e}); delete it to resume from the one "
-                        f"before") from None
+        # torch's own advice (weights_only=False) would run code from a file that is no checkpoint
+        reason = "not a checkpoint" if "Weights only" in str(e) else str(e).splitlines()[0]
+        raise LoadError(f"{path}: unreadable checkpoint ({reason}); delete it to resume from the "
+                        f"one before") from None
+    if not all(torch.isfinite(t).all() for t in saved["lora"].values()):
+        raise LoadError(f"{path}: the adapters hold NaN or inf; delete it to resume from the one "
+                        f"before")
+    return saved
 
 
 def check_resume(saved: dict, args) -> None:
     """Refuse to resume with flags that change what is being resumed; warn about changed
-    hyper-parameters (they make a different run)."""
+    hyper-parameters (they make a different run). A flag the checkpoint predates had its default
+    then."""
     def norm(key, v):
-        return str(Path(v).resolve()) if key in ("data", "model_dir") and v else v
+        return str(Path(v).resolve()) if key in ("data", "model_dir", "control_dir") and v else v
 
+    defaults = build_parser()
     for key in STRUCTURAL + TUNABLE:
-        old, new = norm(key, saved.get(key)), norm(key, getattr(args, key))
+        old = saved[key] if key in saved else defaults.get_default(key)
+        old, new = norm(key, old), norm(key, getattr(args, key))
         if old == new:
             continue
         flag = "--" + key.replace("_", "-")
@@ -250,17 +286,24 @@ def draw_loss_curve(records: list[dict], path: Path, size=(800, 400)) -> None:
     util.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def preview_grid(images: list[Image.Image], prompts: list[str], step: int) -> Image.Image:
-    """Images side by side, each captioned with its prompt, under a 'step N' title."""
+def preview_grid(images: list[Image.Image], prompts: list[str], step: int,
+                 refs: list[list[Image.Image]] | None = None) -> Image.Image:
+    """Images side by side, each captioned with its prompt, under a 'step N' title; with `refs`
+    (an edit run) each image's references as thumbnails in a strip to its right."""
     w, h = images[0].size
+    thumb = w // 4 if refs and any(refs) else 0
+    w += thumb                                          # w: a column, the image and its strip
     label = 44
     grid = Image.new("RGB", (w * len(images), h + label + 20), "white")
     d = ImageDraw.Draw(grid)
     d.text((4, 4), f"step {step}", fill="black")
     for i, (im, p) in enumerate(zip(images, prompts)):
         grid.paste(im, (i * w, 20))
+        for k, ref in enumerate(refs[i][:h // thumb] if thumb else []):
+            grid.paste(ImageOps.contain(ref.convert("RGB"), (thumb, thumb)),
+                       (i * w + w - thumb, 20 + k * thumb))
         chars = max(w // 6, 8)                          # the default bitmap font is ~6 px wide
-        caption = "\n".join(p[k:k + chars] for k in range(0, 3 * chars, chars))
+        caption = "\n".join(textwrap.wrap(p, chars)[:3])     # at word boundaries, 3 lines
         d.multiline_text((i * w + 4, h + 24), caption, fill="black")
     return grid
 
@@ -271,21 +314,59 @@ def preview_grid(images: list[Image.Image], prompts: list[str], step: int) -> Im
 def read_prompts(path) -> list[str]:
     """Non-empty lines of a prompts file."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = util.read_text(path).splitlines()
     except OSError as e:
         raise LoadError(f"--sample-prompts {path}: {e.strerror}; pass a text file with one "
                         f"prompt per line") from None
     return [line.strip() for line in lines if line.strip()]
 
 
+def read_prompt_refs(path) -> tuple[list[str], list[list[Image.Image]]]:
+    """The prompts of a .jsonl prompts file, one {"prompt": ..., "refs": [paths relative to the
+    file]} per line, and each prompt's reference images (read now, checked as sampling checks
+    them)."""
+    prompts, refs = [], []
+    for line in read_prompts(path):
+        try:
+            row = json.loads(line)
+            prompt, names = str(row["prompt"]), list(row.get("refs", []))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise LoadError(f"--sample-prompts {path}: {line[:60]!r} is not "
+                            f"{{\"prompt\": ..., \"refs\": [...]}}; fix that line") from None
+        prompts.append(prompt)
+        refs.append([open_reference(Path(path).parent / name) for name in names])
+    return prompts, refs
+
+
+def open_reference(path: Path) -> Image.Image:
+    """A preview's reference image, decoded now; LoadError naming it when sampling would refuse
+    it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            data.check_ref_size(*img.size, name=str(path))
+            return img.copy()
+    except OSError as e:
+        raise LoadError(f"{path}: cannot open this reference image ({e}); pass a PNG/JPEG/WebP "
+                        f"file") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The flags; every one can also be given as a key of --config FILE.toml."""
+    """The flags, in four groups; every one can also be given as a key of --config FILE.toml."""
     p = argparse.ArgumentParser(
         formatter_class=util.HelpFormatter,
         description="Train a FLUX.2 [dev] / [klein] LoRA on a folder of captioned images.")
-    a = p.add_argument
-    a("--config",
-      help="TOML file with the same keys as the flags (flags given on the command line win)")
+    p.add_argument("--config",
+                   help="TOML file with the same keys as the flags (flags given on the command "
+                        "line win)")
+    _model_and_data_flags(p.add_argument_group("model and data").add_argument)
+    _training_flags(p.add_argument_group("LoRA and training").add_argument)
+    _memory_flags(p.add_argument_group("memory and speed").add_argument)
+    _run_flags(p.add_argument_group("seed, checkpoints, previews").add_argument)
+    return p
+
+
+def _model_and_data_flags(a) -> None:
     a("--data", help="folder of images with same-stem .txt captions or a metadata.jsonl")
     a("--model", choices=["dev", "tiny", *models.RANDOM_MODELS], default="dev",
       help="dev (needs --model-dir: a dev or klein snapshot), tiny (random, CPU demo), or a "
@@ -298,17 +379,29 @@ def build_parser() -> argparse.ArgumentParser:
       help="output folder: lora.safetensors, checkpoints/, log.jsonl, loss.png, samples/")
     a("--cache-dir",
       help="latent/text cache (default ~/.cache/flux2-lora); entries are keyed by content hash")
-    a("--steps", type=int, default=1000,
-      help="optimizer steps in total (a resumed run counts from its start)")
-    a("--batch-size", type=int, default=1,
-      help="images per micro-batch over all processes (torchrun: split evenly)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--resolution", type=int,
       help="training side in pixels, multiple of 16 (default 1024; 128 for tiny)")
     a("--buckets", action="store_true",
       help="aspect-ratio buckets of about resolution^2 pixels instead of squares")
     a("--repeats", type=int, default=1, help="times each image appears per epoch")
     a("--default-caption", help="caption for images without one")
+    a("--control-dir", metavar="CONTROL",
+      help="edit LoRA: folder of reference images; DATA/sub/stem.ext's are CONTROL/sub/stem.*, "
+           "then stem_1.*, stem_2.*, ... (or a \"control\" list in metadata.jsonl); every "
+           "image needs at least one")
+    a("--control-resolution", type=int, metavar="PX",
+      help="cap each reference's area at PX^2 pixels (default: as sampling, 2024^2 for one "
+           "reference, 1024^2 each for several)")
+    a("--caption-dropout", type=float, default=0.0, metavar="P",
+      help="probability that a row trains on the empty prompt instead of its caption")
+
+
+def _training_flags(a) -> None:
+    a("--steps", type=int, default=1000,
+      help="optimizer steps in total (a resumed run counts from its start)")
+    a("--batch-size", type=int, default=1,
+      help="images per micro-batch over all processes (torchrun: split evenly)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--rank", type=int, default=16, help="LoRA rank r of every adapter")
     a("--alpha", type=float, help="LoRA alpha (scale alpha/rank); default = rank, i.e. scale 1")
     a("--lora-targets", default="paper",
@@ -322,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
            "uniform = U(0,1) as the diffusers trainer")
     a("--guidance", type=float, default=4.0,
       help="guidance value fed to the guidance embedder while training")
+
+
+def _memory_flags(a) -> None:
     a("--offload", choices=planner.STRATEGIES, default="auto",
       help="block placement (offload.py): auto = resident if everything fits, else stream the "
            "fewest blocks (more when the batch hides the copies); spare memory keeps MLP and "
@@ -329,21 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gpu-memory-limit", type=float,
       help="GiB this run may use on the GPU: the planner's budget and a hard allocator cap, to "
            "rehearse a smaller card (default: what is free)")
+    a("--host-memory-limit", type=float,
+      help="GiB of host memory the planner may pin for streamed weights (default: what the "
+           "system reports available, less 10%% or at most 4 GiB)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the elementwise glue between the matmuls (flux2.fuse), with any plan "
            "(default: on with CUDA)")
     a("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def _run_flags(a) -> None:
     a("--seed", type=int, default=0,
       help="data order, noise, timesteps, LoRA init; preview seeds are seed + i")
     a("--save-every", type=int, default=250, help="checkpoint every N steps (0: only at the end)")
     a("--sample-every", type=int, default=200,
       help="preview grid every N steps, also at step 0 (0: never)")
     a("--sample-prompts",
-      help="text file, one preview prompt per line (default: the first two captions)")
+      help="text file, one preview prompt per line, or .jsonl with {\"prompt\": ..., \"refs\": "
+           "[image paths relative to the file]} per line (default: the first two captions, "
+           "with their references in an edit run)")
     a("--sample-steps", type=int, default=50,
       help="sampling steps for previews; also picks the shift's mu")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -351,17 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        try:
-            config = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        known = {a.dest for a in parser._actions}
-        config = {k.replace("-", "_"): v for k, v in config.items()}
-        unknown = sorted(set(config) - known - {"config"})
-        if unknown:
-            parser.error(f"--config {args.config}: unknown key {unknown[0]!r}; use the flag names, "
-                         f"e.g. batch-size")
-        parser.set_defaults(**config)
+        parser.set_defaults(**config_defaults(parser, args.config))
         args = parser.parse_args(argv)
     if not args.data:
         parser.error("--data is required (a folder of images with .txt captions)")
@@ -369,21 +462,77 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--model-dir is required for --model dev (or pass --model tiny for the CPU "
                      "demo)")
     args.resolution = args.resolution or (128 if args.model == "tiny" else 1024)
-    for flag in ("steps", "batch_size", "grad_accum", "repeats", "rank", "resolution"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    check_numbers(parser, args)
     if args.resolution % 16:
         parser.error(f"--resolution {args.resolution}: must be a multiple of 16")
+    if not 0 <= args.caption_dropout <= 1:
+        parser.error(f"--caption-dropout {args.caption_dropout}: must be between 0 and 1")
+    if args.control_resolution is not None and args.control_resolution < 64:
+        parser.error(f"--control-resolution {args.control_resolution}: must be at least 64 "
+                     f"(references need sides >= 64 px)")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device}: pass cpu, cuda or cuda:N")
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     return args
+
+
+def config_defaults(parser: argparse.ArgumentParser, path) -> dict:
+    """The keys of a --config TOML file as flag defaults, each value checked as its flag checks
+    it (type, choices; true/false for switches); parser.error naming the file and key if not."""
+    try:
+        config = tomllib.loads(util.read_text(path))
+    except LoadError as e:
+        parser.error(f"--config {e}")
+    except OSError as e:
+        parser.error(f"--config {util.os_error_line(e)}")
+    except tomllib.TOMLDecodeError as e:
+        parser.error(f"--config {path}: {e}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in config.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            parser.error(f"--config {path}: unknown key {key!r}; use the flag names, e.g. "
+                         f"batch-size")
+        if action.nargs == 0:                       # a switch: --buckets, --resume, --compile
+            kinds, what = (bool,), "true or false"
+        else:
+            kinds, what = {int: ((int,), "an integer"), float: ((int, float), "a number")}.get(
+                action.type, ((str,), "a string"))
+        if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+            parser.error(f"--config {path}: {key} = {value!r} must be {what}")
+        if action.choices and value not in action.choices:
+            parser.error(f"--config {path}: {key} = {value!r} must be one of "
+                         f"{', '.join(map(str, action.choices))}")
+        out[action.dest] = float(value) if action.type is float else value
+    return out
+
+
+def check_numbers(parser: argparse.ArgumentParser, args) -> None:
+    """The numeric flags' ranges (NaN and inf fail every check)."""
+    for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("repeats", 1),
+                     ("rank", 1), ("resolution", 1), ("sample_steps", 1), ("save_every", 0),
+                     ("sample_every", 0)):
+        if getattr(args, key) < low:
+            parser.error(f"--{key.replace('_', '-')} must be at least {low}")
+    for key, positive in (("lr", True), ("alpha", True), ("gpu_memory_limit", True),
+                          ("weight_decay", False)):
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive
+                                                                else value >= 0)):
+            parser.error(f"--{key.replace('_', '-')} {value}: must be a finite number "
+                         f"{'>' if positive else '>='} 0")
+    if not math.isfinite(args.guidance):
+        parser.error(f"--guidance {args.guidance}: must be a finite number")
 
 
 # --------------------------------------------------------------------------------------------------
 # The run: what its phases hand to the loop
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the last good state was saved."""
+    """The loss, the gradient or the adapters became NaN or inf; the message names the newest
+    good checkpoint."""
 
 
 @dataclass
@@ -395,6 +544,7 @@ class Previews:
     txt: torch.Tensor               # [N, 512, ctx] the prompts' cached text features
     uncond: torch.Tensor | None     # [1, 512, ctx] the empty prompt: a klein base's true CFG
     cfg: float | None               # the CFG scale (klein base), or None: guidance-distilled dev
+    refs: list[list[Image.Image]]   # each prompt's reference images (empty lists: text-to-image)
 
 
 @dataclass
@@ -410,9 +560,11 @@ class Run:
     loader: data.Loader
     generator: torch.Generator      # t and noise: one CPU stream on every rank, saved exactly
     previews: Previews | None       # None with --sample-every 0
+    empty_txt: torch.Tensor | None = None   # [1, 512, ctx] the empty prompt: caption dropout
     step: int = 0                   # optimizer steps done
     records: list[dict] = field(default_factory=list)   # log.jsonl's records up to `step`
     boundary: dict = field(default_factory=dict)        # RNG and data position after `step` steps
+    dataset: str = ""               # data.fingerprint of the items: checkpoints and LoRA record it
 
     def mark_boundary(self) -> None:
         """Record the state after `step` full steps: what a checkpoint saves, even mid-step."""
@@ -436,36 +588,54 @@ def train(args) -> dict:
         offload.init_process_group(device)
     # the cap covers the text encoder and the VAE too, not only the DiT's plan
     offload.cap_gpu_memory(device, args.gpu_memory_limit)
+    # running out of memory anywhere in the run ends in one line naming the budget
+    memory = offload.OutOfMemoryGuard(gpu_memory_limit=args.gpu_memory_limit,
+                                      host_memory_limit=args.host_memory_limit)
     try:
-        return _train(args, device)
+        with memory:
+            return _train(args, device, memory)
     finally:
         if own_group:
             offload.leave_process_group()
 
 
-def _train(args, device: torch.device) -> dict:
+def _train(args, device: torch.device, memory: offload.OutOfMemoryGuard) -> dict:
     """train() inside the process group: the four phases, the same on every rank; rank 0 writes
-    the files."""
+    the files. `memory` learns the phase and the plan, for out-of-memory messages."""
     out = Path(args.out)
     cache = Path(args.cache_dir or "~/.cache/flux2-lora").expanduser()
+    if util.is_rank0():
+        util.check_writable(out, flag="--out")                      # before anything loads
     saved = resume_state(args, out)                                 # None: a fresh run
 
-    source = models.ModelSource(args.model, args.model_dir, device)   # tiny: sample.py's weights
+    source = models.ModelSource(args.model, args.model_dir, device,   # tiny: sample.py's weights
+                                gpu_memory_limit=args.gpu_memory_limit)
     cfg = preview_cfg(source, args.model_dir)
-    items, prompts = cache_features(args, source, cache=cache, cfg=cfg)
+    memory.during = "caching latents and text features"
+    items, prompts, prompt_refs = cache_features(args, source, cache=cache, cfg=cfg)
+    dataset = check_data(args, items, saved)
     check_ranks_agree(items, resumed_step=saved["step"] if saved else -1, cache=cache, out=out)
     rank, world = util.rank_world()
     loader = data.Loader(items, cache_dir=cache, text_id=source.text_id, batch_size=args.batch_size,
                          repeats=args.repeats, seed=args.seed, rank=rank, world=world)
 
-    model, plan, optimizer = build_model(args, source)
+    ref_tokens = max(sum(r.size[0] * r.size[1] // 256 for r in it.refs) for it in items)
+    memory.during = "placing the DiT"
+    model, plan, optimizer = build_model(args, source, ref_tokens=ref_tokens)
+    if util.is_rank0():             # a checkpoint: the adapters and AdamW's two moments
+        util.check_free_space(out, flag="--out", needed=3 * sum(
+            p.numel() * p.element_size() for p in trainable(model).values()))
+    memory.during, memory.plan = "training", plan
     previews = None
     if args.sample_every:
         txt = torch.stack([data.load_text(cache, p, source.text_id) for p in prompts])
         uncond = data.load_text(cache, "", source.text_id)[None] if cfg else None
-        previews = Previews(source=source, prompts=prompts, txt=txt, uncond=uncond, cfg=cfg)
+        previews = Previews(source=source, prompts=prompts, txt=txt, uncond=uncond, cfg=cfg,
+                            refs=prompt_refs)
+    empty = data.load_text(cache, "", source.text_id)[None] if args.caption_dropout else None
     run = Run(args=args, out=out, device=device, model=model, optimizer=optimizer, loader=loader,
-              generator=torch.Generator().manual_seed(args.seed), previews=previews)
+              generator=torch.Generator().manual_seed(args.seed), previews=previews,
+              empty_txt=empty, dataset=dataset)
     if saved is not None:
         restore(run, saved)
     run.mark_boundary()
@@ -478,6 +648,10 @@ def _train(args, device: torch.device) -> dict:
         write_preview(run)                  # the final state, whatever the schedule
     if util.is_rank0():
         metadata = {"base_model": args.model, "steps": run.step, "resolution": args.resolution}
+        if items[0].refs:                   # sample.py warns when such a LoRA gets no --ref
+            metadata["edit"] = "true"
+            metadata["references"] = str(max(len(it.refs) for it in items))
+        metadata["dataset"] = dataset       # data.fingerprint: which images and captions
         lora.save(model, out / "lora.safetensors", metadata=metadata)
     return {"steps": run.step, "losses": [r["loss"] for r in run.records], "out": out}
 
@@ -499,7 +673,18 @@ def resume_state(args, out: Path) -> dict | None:
         return None
     if not found:
         raise LoadError(f"{out}: no checkpoint to resume from (looked in {out / 'checkpoints'})")
-    saved = load_checkpoint(found[-1])
+    for path in reversed(found):
+        try:
+            saved = load_checkpoint(path)
+            break
+        except LoadError as e:
+            if path == found[0]:
+                raise
+            what = str(e).rpartition("; ")[0]           # the cause, without the advice
+            util.print0(f"warning: {what}; renamed to {path.name}.bad, resuming from the one "
+                        f"before", file=sys.stderr)
+            if util.is_rank0():         # out of the way of the run's own save of that step
+                path.rename(path.with_name(path.name + ".bad"))
     check_resume(saved["args"], args)
     return saved
 
@@ -520,21 +705,44 @@ def preview_cfg(source: models.ModelSource, model_dir) -> float | None:
 
 
 def cache_features(args, source: models.ModelSource, *, cache: Path,
-                   cfg: float | None) -> tuple[list[data.Item], list[str]]:
-    """Encode what the cache lacks: every image's latent, every caption's and preview prompt's text
-    features (and the empty prompt's for CFG); each rank encodes its share. Returns the items and
-    the preview prompts."""
+                   cfg: float | None) -> tuple[list[data.Item], list[str],
+                                               list[list[Image.Image]]]:
+    """Encode what the cache lacks: every image's latent (and its references'), every caption's and
+    preview prompt's text features (and the empty prompt's for CFG or caption dropout); each rank
+    encodes its share. Returns the items, the preview prompts and their reference images."""
     rank, world = util.rank_world()
-    prompts = read_prompts(args.sample_prompts) if args.sample_prompts else None
+    previews = preview_prompts(args.sample_prompts) if args.sample_prompts else None
     items = data.cache_latents(args.data, cache_dir=cache, ae_id=source.ae_id,
                                load_ae=source.load_ae, resolution=args.resolution,
                                buckets=args.buckets, default_caption=args.default_caption,
-                               device=source.device, rank=rank, world=world)
-    prompts = prompts or list(dict.fromkeys(it.caption for it in items))[:2]
-    data.cache_texts([it.caption for it in items] + prompts + [""] * bool(cfg), cache_dir=cache,
+                               device=source.device, rank=rank, world=world,
+                               control_dir=args.control_dir,
+                               control_resolution=args.control_resolution)
+    prompts, refs = previews or default_previews(items)
+    empty = [""] * bool(cfg or args.caption_dropout)
+    data.cache_texts([it.caption for it in items] + prompts + empty, cache_dir=cache,
                      text_id=source.text_id, load_encoder=source.load_text_encoder,
                      rank=rank, world=world)
-    return items, prompts
+    return items, prompts, refs
+
+
+def preview_prompts(path) -> tuple[list[str], list[list[Image.Image]]]:
+    """--sample-prompts: a .jsonl file's prompts with their references, or a text file's lines
+    (no references)."""
+    if str(path).endswith(".jsonl"):
+        return read_prompt_refs(path)
+    prompts = read_prompts(path)
+    return prompts, [[] for _ in prompts]
+
+
+def default_previews(items: list[data.Item]) -> tuple[list[str], list[list[Image.Image]]]:
+    """The previews without --sample-prompts: the first two distinct captions, or in an edit run
+    the first two items' captions with their references."""
+    if items[0].refs:
+        return ([it.caption for it in items[:2]],
+                [[open_reference(r.path) for r in it.refs] for it in items[:2]])
+    prompts = list(dict.fromkeys(it.caption for it in items))[:2]
+    return prompts, [[] for _ in prompts]
 
 
 def same_on_all_ranks(values: list[int]) -> bool:
@@ -546,13 +754,29 @@ def same_on_all_ranks(values: list[int]) -> bool:
     return torch.equal(lo, hi)
 
 
+def check_data(args, items: list[data.Item], saved: dict | None) -> str:
+    """The usable items' data.fingerprint; LoadError when one batch would need more images than
+    an epoch holds, a warning when a resumed run's images or captions changed."""
+    epoch = len(items) * args.repeats
+    if args.batch_size > epoch:
+        raise LoadError(f"--batch-size {args.batch_size} is larger than the dataset: "
+                        f"{len(items)} usable image(s) x {args.repeats} repeat(s) = {epoch}; "
+                        f"pass --batch-size {epoch} or less (or more --repeats)")
+    dataset = data.fingerprint(items)
+    if saved is not None and saved.get("dataset", dataset) != dataset:
+        util.print0(f"warning: --resume: the images or captions in --data {args.data} changed "
+                    f"since the checkpoint (dataset {saved['dataset']} -> {dataset}): not the run "
+                    f"an uninterrupted one would give", file=sys.stderr)
+    return dataset
+
+
 def check_ranks_agree(items: list[data.Item], *, resumed_step: int, cache: Path,
                       out: Path) -> None:
     """With several ranks, each wrote only its share of the cache and read its own --out: all must
     see the same images and the same checkpoint."""
     if util.rank_world()[1] == 1:
         return
-    seen = int(hashlib.sha256("".join(it.digest for it in items).encode()).hexdigest()[:15], 16)
+    seen = int(data.fingerprint(items)[:15], 16)                 # images, references, captions
     if not same_on_all_ranks([seen, resumed_step]):
         raise LoadError(f"the ranks see different images in --cache-dir {cache} or checkpoints in "
                         f"--out {out}; on several machines both must be folders every machine "
@@ -562,11 +786,11 @@ def check_ranks_agree(items: list[data.Item], *, resumed_step: int, cache: Path,
 # --------------------------------------------------------------------------------------------------
 # Phase 3: building the model and the optimizer, restoring a checkpoint
 
-def build_model(args, source: models.ModelSource) -> tuple[flux2.Flux2, planner.Plan,
-                                                          torch.optim.AdamW]:
+def build_model(args, source: models.ModelSource, *,
+                ref_tokens: int = 0) -> tuple[flux2.Flux2, planner.Plan, torch.optim.AdamW]:
     """The DiT with LoRA adapters, placed by the offload planner (sharded over the ranks when
-    there are several) and filled; the glue between the matmuls compiled under --compile; AdamW
-    over the adapters."""
+    there are several; a sample's tokens count its most reference tokens, `ref_tokens`) and
+    filled; the glue between the matmuls compiled under --compile; AdamW over the adapters."""
     world = util.rank_world()[1]
 
     def add_adapters(dit):
@@ -581,8 +805,10 @@ def build_model(args, source: models.ModelSource) -> tuple[flux2.Flux2, planner.
     model, plan = models.placed_dit(
         source, add_adapters=add_adapters, set_adapters=set_adapters,
         strategy="fsdp2" if world > 1 and args.offload == "auto" else args.offload,
-        batch_size=args.batch_size // world, tokens_per_sample=l_img + data.TEXT_LENGTH,
-        train=True, gpu_memory_limit=args.gpu_memory_limit)
+        batch_size=args.batch_size // world,
+        tokens_per_sample=l_img + ref_tokens + data.TEXT_LENGTH,
+        train=True, gpu_memory_limit=args.gpu_memory_limit,
+        host_memory_limit=offload.host_budget(args.host_memory_limit))
     # the glue between the matmuls; whole blocks stay eager (bench/RESULTS.md §6 says why)
     flux2.fuse(source.device.type == "cuda" if args.compile is None else args.compile)
     params = list(trainable(model).values())
@@ -648,15 +874,21 @@ def train_loop(run: Run) -> None:
                 batch = next(run.loader)
                 loss = micro_batch_loss(model, batch, run.generator, device=run.device,
                                         guidance=guidance, sample_steps=args.sample_steps,
-                                        timestep_sampling=args.timestep_sampling)
+                                        timestep_sampling=args.timestep_sampling,
+                                        caption_dropout=args.caption_dropout,
+                                        empty_txt=run.empty_txt)
                 value = global_loss(loss)
                 if not torch.isfinite(value):
-                    raise stop_on_non_finite(run, value)
+                    raise stop_on_non_finite(run, f"the loss is {value.item()}")
                 (loss / args.grad_accum).backward()
                 loss_sum += value.item() / args.grad_accum
             offload.sum_gradients(params)           # LoRA is replicated: reduce before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if not torch.isfinite(grad_norm):
+                raise stop_on_non_finite(run, f"the gradient norm is {grad_norm.item()}")
             optimizer.step()
+            if not all_finite(params):      # e.g. an lr so large that the update overflows
+                raise stop_on_non_finite(run, "the optimizer step made the adapters NaN or inf")
             run.step += 1
             run.mark_boundary()
             log_step(run, log, bar, loss=loss_sum, grad_norm=float(grad_norm),
@@ -685,14 +917,30 @@ def global_loss(loss: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def stop_on_non_finite(run: Run, value: torch.Tensor) -> NonFiniteLoss:
-    """Rank 0 saves the state before this step; the error that says where it is."""
-    path = checkpoint_path(run.out, run.step)
-    if util.is_rank0():
-        save_checkpoint(run.out, run.step, run.model, run.optimizer, run.boundary, run.args)
-    return NonFiniteLoss(f"step {run.step + 1}: the loss is {value.item()}; the state after step "
-                         f"{run.step} is saved in {path}; lower --lr or check the data, then "
-                         f"--resume")
+def all_finite(tensors) -> bool:
+    """Whether no tensor holds NaN or inf (one device sync for all)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def stop_on_non_finite(run: Run, what: str) -> NonFiniteLoss:
+    """The error that stops the run at step run.step + 1 because `what` is not finite. While the
+    adapters are still finite, rank 0 first saves the state before this step; a step that made
+    them NaN leaves the newest checkpoint on disk as the good state. A failed run never rotates
+    an older checkpoint away."""
+    step = f"step {run.step + 1}: {what}"
+    if all_finite(trainable(run.model).values()):
+        path = checkpoint_path(run.out, run.step)
+        if util.is_rank0() and not path.is_file():
+            save_checkpoint(run.out, run.step, run.model, run.optimizer, run.boundary, run.args,
+                            dataset=run.dataset, rotate=False)
+        return NonFiniteLoss(f"{step}; the state after step {run.step} is saved in {path}; "
+                             f"lower --lr or check the data, then --resume")
+    found = checkpoints(run.out)
+    if not found:
+        return NonFiniteLoss(f"{step}; no checkpoint was saved; lower --lr or check the data and "
+                             f"start again")
+    return NonFiniteLoss(f"{step}; the newest good checkpoint is {found[-1]}; lower --lr or "
+                         f"check the data, then --resume")
 
 
 def log_step(run: Run, log, bar, *, loss: float, grad_norm: float, seconds: float,
@@ -723,22 +971,26 @@ def save_progress(run: Run) -> None:
     if not util.is_rank0():
         return
     if not checkpoint_path(run.out, run.step).is_file():
-        save_checkpoint(run.out, run.step, run.model, run.optimizer, run.boundary, run.args)
+        save_checkpoint(run.out, run.step, run.model, run.optimizer, run.boundary, run.args,
+                        dataset=run.dataset)
     draw_loss_curve(run.records, run.out / "loss.png")
 
 
 def write_preview(run: Run) -> None:
     """Sample the preview prompts with the adapters as they are now; rank 0 writes
-    samples/step-N.png. Every rank samples: a sharded model's forwards are collective."""
+    samples/step-N.png. Every rank samples: a sharded model's forwards are collective. Each
+    prompt is sampled with its own references (none in a text-to-image run)."""
     if run.previews is None:
         return
     p, args = run.previews, run.args
-    images = sample.generate(p.source.for_preview(run.model), width=args.resolution,
-                             height=args.resolution, steps=args.sample_steps,
-                             guidance=args.guidance, cfg=p.cfg, txt=p.txt, txt_uncond=p.uncond,
-                             seeds=[args.seed + i for i in range(len(p.prompts))])
+    models_ = p.source.for_preview(run.model)
+    images = [sample.generate(models_, width=args.resolution, height=args.resolution,
+                              steps=args.sample_steps, guidance=args.guidance, cfg=p.cfg,
+                              txt=p.txt[i:i + 1], txt_uncond=p.uncond, seeds=[args.seed + i],
+                              refs=p.refs[i])[0]
+              for i in range(len(p.prompts))]
     if util.is_rank0():
-        grid = preview_grid(images, p.prompts, run.step)
+        grid = preview_grid(images, p.prompts, run.step, refs=p.refs)
         util.atomic_write(run.out / "samples" / f"step-{run.step:06d}.png",
                           lambda f: grid.save(f, format="PNG"))
 
@@ -759,19 +1011,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # not a source excerpt
     args = parse_args(argv)
-    try:
-        result = train(args)
-    except (LoadError, lora.LoRAError, planner.PlanError) as e:
-        print_error(e)
-        return 2
-    except NonFiniteLoss as e:
-        print_error(e)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    util.print0(f"done: {result['out'] / 'lora.safetensors'} after {result['steps']} steps",
-                file=sys.stderr)
-    return 0
+
+    def run() -> int:
+        try:
+            result = train(args)
+        except NonFiniteLoss as e:
+            print_error(e)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        util.print0(f"done: {result['out'] / 'lora.safetensors'} after {result['steps']} steps",
+                    file=sys.stderr)
+        return 0
+
+    # user mistakes, a full or read-only disk, out of memory: one line and exit 2
+    return util.guard(run, user_errors=(lora.LoRAError, planner.PlanError), say=print_error)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,18 @@ class AutoEncoder(nn.Module):
         return self.decoder(z)
 
 
+def decode_bytes(config: AEConfig, *, height: int, width: int, itemsize: int) -> int:
+    """Bytes a decode to height x width pixels holds at its peak, beside the weights: in the second
+    ResnetBlock at full resolution, the level's input (as wide as the level below, kept by the
+    caller) and four tensors of the top level's width (the block's input, the conv's input and
+    output, the tensor that output replaces); on a GPU the convolutions' workspace adds about two
+    more of the level below (H200, float32: 4.77 GiB at 1024², this gives 5.0; bench/RESULTS.md).
+    sample.py keeps this much of the GPU free of DiT weights."""
+    top = config.ch * config.ch_mult[0]
+    below = config.ch * config.ch_mult[1] if len(config.ch_mult) > 1 else top
+    return (3 * below + 4 * top) * height * width * itemsize
+
+
 # --------------------------------------------------------------------------------------------------
 # Pixels: the autoencoder reads and writes RGB in [-1, 1] (reference §5.4)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
+import data
 import flux2
 import lora
 import models
@@ -200,7 +201,7 @@ def test_reference_preparation():
     capped = Flux2ImageProcessor._resize_to_target_area(img, 128 * 128)          # 156x104
     w, h = capped.width // 16 * 16, capped.height // 16 * 16
     ref = proc.preprocess(capped, height=h, width=w, resize_mode="crop")[0]
-    ours = sample.prepare_ref(img, 128 * 128)
+    ours = data.prepare_ref(img, 128 * 128)
     assert ours.shape == ref.shape == (3, 96, 144) and torch.equal(ours, ref.float())
     # the cap is 2024^2 for one reference, 1024^2 each for several
     wide = Image.new("RGB", (2100, 1000))
@@ -208,7 +209,7 @@ def test_reference_preparation():
     assert [t.shape for t in sample.prepare_refs([wide, wide])] == [(3, 704, 1472)] * 2   # 1483x706 -> 1472x704
     for bad in [(63, 200), (64, 513)]:
         with pytest.raises(LoadError, match="too small or too elongated"):
-            sample.prepare_ref(Image.new("RGB", bad), 2024 ** 2, name="in.png")
+            data.prepare_ref(Image.new("RGB", bad), 2024 ** 2, name="in.png")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 and the patchify / BN / packing / ids steps of Flux2Pipeline (oracle.md §1.3, §2.2, §3.2, §3.3, §7.2)."""
 import json
 import re
+import weakref
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from flux2 import image_ids, pack, text_ids, unpack
 from util import LoadError
-from vae import AE_PRESETS, AEConfig, AutoEncoder, load_ae
+from vae import AE_PRESETS, AEConfig, AutoEncoder, decode_bytes, load_ae
 
 # oracle.md §1.3 [RUN] config: every channel count a multiple of 32 (GroupNorm(32)), both quant convs present
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -209,3 +210,34 @@ def test_flux2_preset_size():
     assert shapes(sd) == shapes(ref_sd)
     assert sum(p.numel() for p in ours.encoder.parameters()) == 34_425_856
     assert sum(p.numel() for p in ours.decoder.parameters()) == 49_620_259
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of the storages that ops create and that are still alive; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                key = t.untyped_storage().data_ptr()
+                self.live[key] = t.untyped_storage().nbytes()
+                weakref.finalize(t.untyped_storage(), self.live.pop, key, None)
+                self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("config", [AE_PRESETS["tiny"], AEConfig(ch=32, ch_mult=(1, 2, 2, 2))])
+def test_decode_bytes_covers_the_decode(config):
+    """vae.decode_bytes (what sample.py keeps free for the decode) is at least what a decode holds
+    at its peak beside the weights, and at most twice it (its GPU workspace term is measured in
+    bench/RESULTS.md)."""
+    ae = AutoEncoder(config).eval()
+    z = torch.randn(1, 4 * config.z_channels, 8, 12)
+    with torch.no_grad(), _LiveBytes() as counter:
+        ae.decode(z)
+    need = decode_bytes(config, height=128, width=192, itemsize=4)
+    assert counter.peak <= need <= 2 * counter.peak, (counter.peak, need)
