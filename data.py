@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 import vae
 from util import LoadError, atomic_write, ceil_div, free_cuda, read_text
@@ -455,7 +456,7 @@ def _encode_latents(items: list[Item | Reference], *, cache_dir, load_ae: Callab
         with torch.no_grad():
             z = ae.encode(pixels[None].to(device, dtype))[0]            # [128, h/16, w/16]
         atomic_write(latent_path(cache_dir, item),
-                     lambda f: save_file({"latent": z.float().cpu().contiguous()}, f))
+                     lambda f: write_tensors(f, latent=z.float().cpu().contiguous()))
     del ae
     free_cuda()
     return bad
@@ -479,10 +480,16 @@ def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Call
                 ctx = encode(chunk)                                      # [b, 512, ctx_dim]
             for text, c in zip(chunk, ctx):
                 atomic_write(text_path(cache_dir, text, text_id),
-                             lambda f: save_file({"ctx": c.cpu().contiguous()}, f))
+                             lambda f: write_tensors(f, ctx=c.cpu().contiguous()))
         del encode
         free_cuda()
     _barrier(world)
+
+
+def write_tensors(path, **tensors: torch.Tensor) -> None:
+    """A safetensors file written through Python's file API: a full disk raises OSError (safetensors'
+    own writer can lose the last buffered bytes silently)."""
+    Path(path).write_bytes(safetensors_bytes(tensors))
 
 
 def latent_path(cache_dir, item: Item | Reference) -> Path:

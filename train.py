@@ -523,6 +523,8 @@ def check_numbers(parser: argparse.ArgumentParser, args) -> None:
                                                                 else value >= 0)):
             parser.error(f"--{key.replace('_', '-')} {value}: must be a finite number "
                          f"{'>' if positive else '>='} 0")
+    if args.lr > 1:                 # AdamW moves each weight by about lr per step
+        parser.error(f"--lr {args.lr}: must be at most 1 (1e-4 is the default)")
     if not math.isfinite(args.guidance):
         parser.error(f"--guidance {args.guidance}: must be a finite number")
 

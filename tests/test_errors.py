@@ -188,6 +188,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_older_checkpoints(run_copy, capsy
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+def test_a_full_disk_while_caching_is_one_line_and_leaves_no_entry(tmp_path, capsys, monkeypatch):
+    def full(self, raw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data.Path, "write_bytes", full)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert train.main(train_argv(out, cache, "--steps", 1)) == 2
+    err = errors(capsys)
+    assert len(err) == 1 and err[0].startswith(f"error: {cache / 'latents'}/")
+    assert err[0].endswith(f": no space left on the disk of {cache / 'latents'}; free some space "
+                           f"or write elsewhere")
+    assert not list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.tmp"))
+
+
 def test_an_unwritable_out_fails_before_caching(tmp_path, capsys, monkeypatch):
     def read_only(*a, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -198,6 +212,14 @@ def test_an_unwritable_out_fails_before_caching(tmp_path, capsys, monkeypatch):
     assert errors(capsys) == [f"error: --out {out}: read-only file system; write to a writable "
                               f"folder"]
     assert not cache.exists()                           # nothing was cached or loaded
+
+
+def test_an_out_that_is_a_file_fails_before_caching(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.write_text("not a folder")
+    assert train.main(train_argv(out, cache, "--steps", 1)) == 2
+    assert errors(capsys) == [f"error: --out {out}: is a file, not a folder; name a folder"]
+    assert not cache.exists() and out.read_text() == "not a folder"
 
 
 def test_too_little_space_for_a_checkpoint(tmp_path, capsys, monkeypatch):
@@ -216,6 +238,7 @@ def test_too_little_space_for_a_checkpoint(tmp_path, capsys, monkeypatch):
     (("--lr", "nan"), "--lr nan: must be a finite number > 0"),
     (("--lr", "-1"), "--lr -1.0: must be a finite number > 0"),
     (("--lr", "inf"), "--lr inf: must be a finite number > 0"),
+    (("--lr", "1e300"), "--lr 1e+300: must be at most 1 (1e-4 is the default)"),
     (("--alpha", "0"), "--alpha 0.0: must be a finite number > 0"),
     (("--alpha", "nan"), "--alpha nan: must be a finite number > 0"),
     (("--weight-decay", "-0.1"), "--weight-decay -0.1: must be a finite number >= 0"),
