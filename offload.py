@@ -569,8 +569,8 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
     this rank's. selective=False: checkpointed blocks keep nothing but their input (the report's
     plain checkpointing). host_memory_limit: GiB this machine may pin for streamed weights, shared
     by its torchrun processes (None: no limit; the CLIs pass host_budget's). The GPU budget is
-    what the limit (or the card) leaves after what others already hold there (the autoencoder)
-    and reserve_bytes, what the run needs beside the model at its peak (sample.py's decode)."""
+    what the limit (or the card) leaves after what others already hold there (the autoencoder).
+    reserve_bytes: see plan() (a decode between forwards)."""
     device = _device(device)
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -589,9 +589,9 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
         kept_outputs=(kept_outputs(unit, width=width, tokens_per_sample=tokens_per_sample)
                       if selective else {}))
     if device.type == "cuda":
-        budget = _budget(model, device, limit_gib=gpu_memory_limit) - reserve_bytes
+        budget = _budget(model, device, limit_gib=gpu_memory_limit)
     elif gpu_memory_limit is not None:
-        budget = int(gpu_memory_limit * GiB) - reserve_bytes
+        budget = int(gpu_memory_limit * GiB)
     else:
         budget = None                 # a CPU run without a limit: nothing to fit
     host_budget_bytes = None
@@ -602,7 +602,7 @@ def plan_for(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto
                 budget_bytes=budget, trainable_bytes=trainable_bytes,
                 strategy=strategy, train=train, ring_size=ring_size, world_size=rank_world()[1],
                 tokens_per_sample=tokens_per_sample, width=width, compile=compile,
-                host_budget_bytes=host_budget_bytes)
+                host_budget_bytes=host_budget_bytes, reserve_bytes=reserve_bytes)
 
 
 def prepare(model: nn.Module, blocks: list[nn.Module], *, strategy: str = "auto", device,

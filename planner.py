@@ -250,19 +250,21 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
          strategy: str = "auto", train: bool = True, ring_size: int = 2, world_size: int = 1,
          margin_bytes: int | None = None, tokens_per_sample: int | None = None,
          width: int | None = None, compile: bool = False,
-         host_budget_bytes: int | None = None) -> Plan:
+         host_budget_bytes: int | None = None, reserve_bytes: int = 0) -> Plan:
     """Decide resident / streamed / checkpointed blocks, and which outputs checkpointed blocks keep,
     from byte counts (a pure function); batch_size is per rank, activations are per sample.
 
     Estimated peak = root + resident blocks + ring (R x largest streamed block)
         + trainable x 4 (AdamW: parameter, gradient, two moments)
-        + B x (n_blocks x saved_input + working_set)
+        + max(B x (n_blocks x saved_input + working_set), reserve_bytes)
         [+ B x kept_outputs[o] per block keeping output o]
         [+ B x (whole_block - saved_input - sum(kept_outputs)) per block not checkpointed].
     Without autograd (train=False) nothing is saved and the optimizer holds no state. The peak must
     fit the budget less a margin (default min(3 GiB, 5%)); without a budget (a CPU run) nothing
     needs to fit and only fsdp2 moves blocks. Streamed blocks (or fsdp2's shards in host memory)
-    must also fit host_budget_bytes (None: no limit). Steps: which blocks stream
+    must also fit host_budget_bytes (None: no limit). reserve_bytes: what the run needs between
+    forwards, when the activations are free (the autoencoder's decode): only what exceeds them is
+    kept free. Steps: which blocks stream
     (_blocks_to_stream), where fsdp2 keeps its shards, what spare memory buys back
     (_spend_spare_memory). tokens_per_sample (whether copies hide behind compute: HIDE_TOKENS) and
     width are recorded in the plan."""
@@ -273,9 +275,8 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
     # per block keeping that output, for the whole batch
     kept_tiers = ({o: B * b for o, b in activations.kept_outputs.items()}
                   if train and strategy != "none" else {})
-    fixed = root_bytes + (4 if train else 1) * trainable_bytes + B * activations.working_set
-    if train:
-        fixed += B * n * activations.saved_input
+    acts = B * activations.working_set + (B * n * activations.saved_input if train else 0)
+    fixed = root_bytes + (4 if train else 1) * trainable_bytes + max(acts, reserve_bytes)
     if margin_bytes is None:
         margin_bytes = 0 if budget_bytes is None else min(3 * GiB, budget_bytes // 20)
     fit = _Fit(list(block_bytes), fixed, ring_slots=2 if strategy == "fsdp2" else ring_size,

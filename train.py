@@ -55,6 +55,7 @@ import offload
 import planner
 import sample
 import util
+import vae
 from flux2 import image_ids, pack, text_ids
 from util import LoadError
 
@@ -804,13 +805,18 @@ def build_model(args, source: models.ModelSource, *,
         lora.init_adapters(dit)
 
     l_img = (args.resolution // 16) ** 2
+    decode = 0                                      # previews decode (and encode references)
+    if args.sample_every:                           # between steps: the plan keeps that free
+        ae = source.load_ae()
+        decode = vae.decode_bytes(ae.config, height=args.resolution, width=args.resolution,
+                                  itemsize=next(ae.parameters()).element_size())
     model, plan = models.placed_dit(
         source, add_adapters=add_adapters, set_adapters=set_adapters,
         strategy="fsdp2" if world > 1 and args.offload == "auto" else args.offload,
         batch_size=args.batch_size // world,
         tokens_per_sample=l_img + ref_tokens + data.TEXT_LENGTH,
         train=True, gpu_memory_limit=args.gpu_memory_limit,
-        host_memory_limit=offload.host_budget(args.host_memory_limit))
+        host_memory_limit=offload.host_budget(args.host_memory_limit), reserve_bytes=decode)
     # the glue between the matmuls; whole blocks stay eager (bench/RESULTS.md §6 says why)
     flux2.fuse(source.device.type == "cuda" if args.compile is None else args.compile)
     params = list(trainable(model).values())

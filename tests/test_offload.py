@@ -419,6 +419,12 @@ def test_plan_arithmetic_on_round_numbers():
     # inference: nothing saved, optimizer holds nothing, no checkpointing
     p = plan(None, train=False)
     assert p.checkpointed == [] and p.peak_bytes == MiB + MiB // 4 + 2 * MiB + 14 * MiB
+    # a decode between forwards (reserve_bytes) uses the activations' room: only what exceeds the
+    # 2 x (5 x 1/8 + 1) = 3.25 MiB of training activations is added
+    assert plan(budget(19.25 * MiB), reserve_bytes=3 * MiB).peak_bytes == int(19.25 * MiB)
+    assert plan(budget(20.25 * MiB), reserve_bytes=4 * MiB + MiB // 4).streamed == []
+    assert plan(budget(20.25 * MiB), reserve_bytes=4 * MiB + MiB // 4).peak_bytes == int(20.25 * MiB)
+    assert plan(None, train=False, reserve_bytes=5 * MiB).peak_bytes == p.peak_bytes + 3 * MiB
     # without a budget (a CPU run) nothing needs to fit: stream keeps every block resident, fsdp2 still shards
     assert plan(None, strategy="stream").streamed == []
     assert plan(None, strategy="fsdp2").streamed == [0, 1, 2, 3, 4]
