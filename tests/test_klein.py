@@ -12,7 +12,9 @@ import tokenizers
 import torch
 from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline,
                        Flux2Transformer2DModel)
+from safetensors import safe_open
 from safetensors.torch import save_file
+from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -171,6 +173,23 @@ def test_klein_base_cfg_matches_diffusers(klein):
     assert rel(with_cfg, ours) > 1e-3                              # CFG changes the image
 
 
+def test_klein_base_edit_with_cfg_matches_diffusers(klein):
+    """Editing on klein base: a reference image beside CFG (both rows carry the reference) gives
+    Flux2KleinPipeline(image=...)'s pixels."""
+    pipe, root = klein
+    stack = models.load_models(root, device="cpu", dtype=torch.float64, text_layers=LAYERS)
+    g = torch.Generator().manual_seed(5)
+    ref_img = Image.fromarray(torch.randint(0, 256, (100, 72, 3), generator=g, dtype=torch.uint8).numpy())
+    want = pipe(image=[ref_img], prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS, guidance_scale=4.0,
+                output_type="pt", latents=sample.noise(7, H // 16, W // 16), text_encoder_out_layers=LAYERS).images
+    ours = sample.generate_tensors(stack, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7],
+                                   cfg=4.0, refs=[ref_img])
+    plain = sample.generate_tensors(stack, [PROMPT], width=W, height=H, steps=STEPS, guidance=4.0, seeds=[7],
+                                    cfg=4.0)
+    assert rel((ours + 1) / 2, want) <= 1e-5                      # diffusers' scheduler steps in float32
+    assert rel(ours, plain) > 1e-3                                # the reference changes the image
+
+
 def test_snapshot_defaults_and_mismatched_parts(klein, tmp_path):
     _, root = klein
     index = json.loads((root / "model_index.json").read_text())
@@ -244,14 +263,35 @@ def test_klein_lora_loads_in_diffusers_and_dev_lora_is_refused(klein, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Training on klein snapshots
 
-def test_training_base_previews_use_cfg_and_distilled_warns(klein, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def klein_base(klein, tmp_path_factory):
+    """A klein base snapshot that train.py reads with its default text layers (9, 18, 27)."""
     _, root = klein
-    base = tmp_path / "FLUX.2-klein-base-tiny"
+    base = tmp_path_factory.mktemp("base") / "FLUX.2-klein-base-tiny"
     base.mkdir()
     for part in ("transformer", "vae", "tokenizer"):
         (base / part).symlink_to(root / part)
     torch.manual_seed(0)            # Qwen3's 9/18/27 need >= 28 layers; float32 keeps the folder small
     Qwen3ForCausalLM(Qwen3Config(**{**QWEN, "num_hidden_layers": 28})).float().save_pretrained(base / "text_encoder")
+    return base
+
+
+def test_training_an_edit_lora_on_klein_base(klein_base, tmp_path):
+    """klein base trains edit LoRAs as dev does: references cached, CFG previews with them, the
+    header says edit."""
+    toy = TOY.parent / "toy_edit"
+    out = train.train(train.parse_args([
+        "--data", str(toy / "images"), "--control-dir", str(toy / "control"), "--model-dir", str(klein_base),
+        "--cache-dir", str(tmp_path / "cache"), "--resolution", "32", "--steps", "1", "--save-every", "0",
+        "--sample-every", "1", "--sample-steps", "2", "--device", "cpu", "--out", str(tmp_path / "edit")]))["out"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000001.png"]
+    with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["edit"] == "true" and meta["references"] == "1"
+
+
+def test_training_base_previews_use_cfg_and_distilled_warns(klein_base, tmp_path, capsys):
+    base = klein_base
     flags = ["--data", str(TOY), "--model", "dev", "--cache-dir", str(tmp_path / "cache"), "--resolution", "32",
              "--steps", "1", "--save-every", "0", "--device", "cpu"]
     out = train.train(train.parse_args([*flags, "--model-dir", str(base), "--out", str(tmp_path / "a"),
