@@ -74,26 +74,27 @@ class Item:
 # --------------------------------------------------------------------------------------------------
 # Finding images and captions
 
-def _metadata(folder: Path) -> dict[str, str]:
-    """file_name -> text from metadata.jsonl (empty when the file is absent)."""
+def _metadata_rows(folder: Path) -> dict[str, dict]:
+    """file_name -> its line of metadata.jsonl, each a JSON object with "file_name" and "text"
+    naming an image that exists (empty when the file is absent)."""
     file = folder / "metadata.jsonl"
     if not file.is_file():
         return {}
-    captions = {}
+    rows = {}
     for n, line in enumerate(read_text(file).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[str(row["file_name"])] = str(row["text"])
+            rows[str(row["file_name"])] = {**row, "text": str(row["text"])}
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{file}:{n}: expected a JSON object with \"file_name\" and \"text\"; "
                             f"fix that line")
-    for name in captions:
+    for name in rows:
         if not (folder / name).is_file():
             raise DataError(f"{file}: lists {name!r}, which is not in {folder}; remove the line or "
                             f"add the image")
-    return captions
+    return rows
 
 
 def find_images(folder, default_caption: str | None = None) -> list[tuple[Path, str]]:
@@ -103,7 +104,7 @@ def find_images(folder, default_caption: str | None = None) -> list[tuple[Path, 
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; pass --data a folder of images with .txt "
                         f"captions")
-    meta = _metadata(folder)
+    meta = {name: row["text"] for name, row in _metadata_rows(folder).items()}
     images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS}
     images = sorted(images | {folder / name for name in meta})  # metadata may name subfolders
     if not images:
@@ -129,11 +130,8 @@ def _control_lists(folder: Path) -> dict[str, list[str]]:
     """file_name -> its "control" list (paths relative to `folder`) from metadata.jsonl, for the
     lines that have one."""
     file = folder / "metadata.jsonl"
-    if not file.is_file():
-        return {}
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()
-            if line.strip()]                         # _metadata has checked every line
-    lists = {str(r["file_name"]): r["control"] for r in rows if "control" in r}
+    lists = {name: row["control"] for name, row in _metadata_rows(folder).items()
+             if "control" in row}
     for name, refs in lists.items():
         if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
             raise DataError(f"{file}: \"control\" of {name!r} must be a list of image paths "
@@ -487,8 +485,8 @@ def cache_texts(texts: list[str], *, cache_dir, text_id: str, load_encoder: Call
 
 
 def write_tensors(path, **tensors: torch.Tensor) -> None:
-    """A safetensors file written through Python's file API: a full disk raises OSError (safetensors'
-    own writer can lose the last buffered bytes silently)."""
+    """A safetensors file written through Python's file API: a full disk raises OSError
+    (safetensors' own writer can lose the last buffered bytes silently)."""
     Path(path).write_bytes(safetensors_bytes(tensors))
 
 
@@ -514,9 +512,9 @@ class Loader:
     """Endless batches of cached (latent, text) pairs. Each epoch is a seeded shuffle, grouped so a
     batch holds one shape: items share a group when their targets have the same bucket size and
     their references the same count and sizes, in order (shape_key). The position (epoch, batch
-    index) is the whole state, so resuming repeats the exact order. batch_size is the global batch: rank r of `world` gets rows r*m .. r*m
-    + m-1 of each batch (m = its size / world, rounded up), so the order and the state do not depend
-    on the number of ranks."""
+    index) is the whole state, so resuming repeats the exact order. batch_size is the global
+    batch: rank r of `world` gets rows r*m .. r*m + m-1 of each batch (m = its size / world,
+    rounded up), so the order and the state do not depend on the number of ranks."""
 
     def __init__(self, items: list[Item], *, cache_dir, text_id: str, batch_size: int,
                  repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1):

@@ -248,11 +248,7 @@ class ModelSource:
                             f"{family} text encoder; use the snapshot's own tokenizer/")
         return tokenizer
 
-    def load_text(self) -> tuple[Tokenizer, MistralEncoder]:
-        """The tokenizer, and the text encoder on the device in the model dtype."""
-        return self.load_tokenizer(), self._whole_text_encoder()
-
-    def _whole_text_encoder(self) -> MistralEncoder:
+    def whole_text_encoder(self) -> MistralEncoder:
         """The text encoder on the device in the model dtype."""
         if self.tiny:
             encoder = _seeded(lambda: MistralEncoder(TEXT_PRESETS["tiny"]), self.seed + 2)
@@ -306,7 +302,7 @@ class ModelSource:
             return self.device if free is None or len(prompts) * per_prompt < free // 2 else "cpu"
         if not by_layers:
             stack = Models(device=self.device, dtype=self.dtype, tokenizer=tokenizer,
-                           text_encoder=self._whole_text_encoder())
+                           text_encoder=self.whole_text_encoder())
             return lambda prompts: encode_text(stack, prompts, store=store(prompts))
 
         def encode(prompts: list[str]) -> Tensor:
@@ -375,7 +371,7 @@ def load_models(model_dir=None, *, tiny: bool = False, device="cpu",
                          text_layers=text_layers, seed=seed)
     stack = Models(device=source.device, dtype=dtype)
     if "text" in parts:
-        stack.tokenizer, stack.text_encoder = source.load_text()
+        stack.tokenizer, stack.text_encoder = source.load_tokenizer(), source.whole_text_encoder()
     if "dit" in parts:
         stack.dit = source.load_dit()
     if "ae" in parts:
@@ -395,10 +391,10 @@ def placed_dit(source: ModelSource, *, add_adapters: Callable[[Flux2], object],
 
     Built on meta; `add_adapters` gives it its adapters (their shapes, so the plan places them too);
     offload.prepare places it (and prints the plan) for forwards of `batch_size` samples of
-    `tokens_per_sample` tokens, within gpu_memory_limit and host_memory_limit (GiB) less
-    reserve_bytes (see offload.plan_for); the values are written one tensor at a time, so the whole DiT never sits in
-    host memory; `set_adapters` then gives the adapters theirs. The tiny model is built with its
-    values, so `add_adapters` alone serves it."""
+    `tokens_per_sample` tokens, within gpu_memory_limit and host_memory_limit (GiB), keeping
+    reserve_bytes free between forwards (see planner.plan); the values are written one tensor at a
+    time, so the whole DiT never sits in host memory; `set_adapters` then gives the adapters
+    theirs. The tiny model is built with its values, so `add_adapters` alone serves it."""
     dit = source.build_dit()
     add_adapters(dit)
     plan = offload.prepare(dit, dit.blocks, strategy=strategy, device=source.device,

@@ -542,8 +542,8 @@ def _budget(model: nn.Module, device: torch.device, *, limit_gib: float | None) 
             if t.device == device}
     if limit_gib is None:
         free, _ = torch.cuda.mem_get_info(device)
-    else:                             # the cap counts only the caching allocator's bytes
-        free = int(limit_gib * GiB) - torch.cuda.memory_allocated(device)
+    else:                             # the cap counts the caching allocator's reserved bytes
+        free = int(limit_gib * GiB) - torch.cuda.memory_reserved(device)
     budget = torch.tensor([free + sum(held.values())], device=device)
     if rank_world()[1] > 1:
         dist.all_reduce(budget, op=dist.ReduceOp.MIN)

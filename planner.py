@@ -262,19 +262,16 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
     Without autograd (train=False) nothing is saved and the optimizer holds no state. The peak must
     fit the budget less a margin (default min(3 GiB, 5%)); without a budget (a CPU run) nothing
     needs to fit and only fsdp2 moves blocks. Streamed blocks (or fsdp2's shards in host memory)
-    must also fit host_budget_bytes (None: no limit). reserve_bytes: what the run needs between
-    forwards, when the activations are free (the autoencoder's decode): only what exceeds them is
-    kept free. Steps: which blocks stream
-    (_blocks_to_stream), where fsdp2 keeps its shards, what spare memory buys back
-    (_spend_spare_memory). tokens_per_sample (whether copies hide behind compute: HIDE_TOKENS) and
-    width are recorded in the plan."""
+    must also fit host_budget_bytes (None: no limit). reserve_bytes: what a decode between forwards
+    needs. Steps: _blocks_to_stream (tokens_per_sample: do copies hide, HIDE_TOKENS),
+    _fsdp2_shards, _spend_spare_memory."""
     if strategy not in STRATEGIES:
         raise ValueError(f"offload strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     n, B = len(block_bytes), batch_size
-    checkpointed = list(range(n)) if train and strategy != "none" else []
-    # per block keeping that output, for the whole batch
-    kept_tiers = ({o: B * b for o, b in activations.kept_outputs.items()}
-                  if train and strategy != "none" else {})
+    checkpointing = train and strategy != "none"
+    checkpointed = list(range(n)) if checkpointing else []
+    kept_tiers = ({o: B * b for o, b in activations.kept_outputs.items()}   # per block keeping o
+                  if checkpointing else {})
     acts = B * activations.working_set + (B * n * activations.saved_input if train else 0)
     fixed = root_bytes + (4 if train else 1) * trainable_bytes + max(acts, reserve_bytes)
     if margin_bytes is None:
@@ -286,13 +283,9 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
                                  copies_hidden=tokens_per_sample is not None
                                  and B * tokens_per_sample >= HIDE_TOKENS)
     peak, cpu_offload = fit.peak(streamed), True
-    if strategy == "fsdp2" and world_size > 1:   # shards stay on the GPUs when they fit there too
-        shards = (sum(block_bytes) + root_bytes) // world_size
-        cpu_offload = fit.available is not None and peak + shards > fit.available
-        peak += 0 if cpu_offload else shards
-    if strategy == "fsdp2" and cpu_offload:
-        _check_host(fit, (sum(block_bytes) + root_bytes) // world_size,
-                    what="FSDP2's shards in host memory", fix="use more GPUs (torchrun)")
+    if strategy == "fsdp2":
+        peak, cpu_offload = _fsdp2_shards(fit, peak, world_size=world_size,
+                                          shard_bytes=(sum(block_bytes) + root_bytes) // world_size)
     # a block that skips checkpointing keeps every activation instead of its input and kept outputs.
     # FSDP2 gathers a block again for its backward either way, so its blocks may skip checkpointing;
     # our ring needs the checkpoint (the backward reads the weights the recompute bound)
@@ -311,6 +304,16 @@ def plan(block_bytes: list[int], root_bytes: int, *, activations: ActivationByte
                 budget_bytes=budget_bytes, train=train, batch_size=batch_size,
                 tokens_per_sample=tokens_per_sample, width=width, world_size=world_size,
                 cpu_offload=cpu_offload, compiled=compiled, host_budget_bytes=host_budget_bytes)
+
+
+def _fsdp2_shards(fit: _Fit, peak: int, *, shard_bytes: int, world_size: int) -> tuple[int, bool]:
+    """(peak, cpu_offload): with several ranks fsdp2's shards stay on the GPUs when they fit there
+    beside the peak; otherwise they live in host memory, which must hold them."""
+    if world_size > 1 and (fit.available is None or peak + shard_bytes <= fit.available):
+        return peak + shard_bytes, False
+    _check_host(fit, shard_bytes, what="FSDP2's shards in host memory",
+                fix="use more GPUs (torchrun)")
+    return peak, True
 
 
 def _check_host(fit: _Fit, host_bytes: int, *, what: str, fix: str):

@@ -40,11 +40,11 @@ import flux2
 import lora
 import offload
 import planner
+import util
 import vae
 from data import prepare_refs
 from flux2 import empirical_mu, image_ids, pack, text_ids, time_shift, unpack
 from models import RANDOM_MODELS, ModelSource, Models, encode_text, model_defaults, placed_dit
-import util
 from util import HelpFormatter, LoadError, default_device, free_cuda
 from vae import AutoEncoder
 
@@ -292,8 +292,7 @@ def _settings(args) -> dict:
         raise LoadError("no prompt; pass --prompt TEXT, --prompts FILE or --from-png FILE")
     if not s.get("model"):
         raise LoadError("no model; pass --model-dir FLUX.2-snapshot or --model tiny")
-    built_in = s["model"] in ("tiny", *RANDOM_MODELS)               # no snapshot: dev's defaults
-    for key, value in model_defaults(None if built_in else s["model"]).items():
+    for key, value in model_defaults(_model_source(s["model"])[1]).items():   # built in: dev's
         s.setdefault(key, value)     # a PNG's or flag's cfg (1 included: off) wins: it is stored
     if s.get("lora") and not Path(s["lora"]).is_file():
         raise LoadError(f"{s['lora']}: no such LoRA file; "
@@ -303,6 +302,11 @@ def _settings(args) -> dict:
     _check_numbers(s)
     s["width"], s["height"] = snap16(s["width"], s["height"])
     return s
+
+
+def _model_source(model: str) -> tuple[str, str | None]:
+    """(ModelSource's model, its snapshot folder) for a --model name or a --model-dir path."""
+    return (model, None) if model in ("tiny", *RANDOM_MODELS) else ("dev", model)
 
 
 def _check_numbers(s: dict) -> None:
@@ -315,7 +319,7 @@ def _check_numbers(s: dict) -> None:
             raise LoadError(f"--{key.replace('_', '-')} {s[key]}: must be a finite number")
 
 
-def _open_image(path) -> Image.Image:
+def open_image(path) -> Image.Image:
     """An image file, read now; LoadError naming it when it is not one."""
     try:
         img = Image.open(path)
@@ -354,11 +358,10 @@ def _run(args, memory: offload.OutOfMemoryGuard) -> list[Path]:
     outs = [args.out] if n == 1 else \
         [args.out.with_name(f"{args.out.stem}_{i:03d}{args.out.suffix}") for i in range(n)]
     check_out(args.out)                     # before the work, not after it
-    built_in = s["model"] in ("tiny", *RANDOM_MODELS)
     # the tiny demo, a random model, or a snapshot: a missing part fails here, before any loading
-    source = ModelSource(s["model"] if built_in else "dev", None if built_in else s["model"],
-                         default_device(args.device), gpu_memory_limit=args.gpu_memory_limit)
-    refs = [_open_image(r) for r in s["refs"]]
+    source = ModelSource(*_model_source(s["model"]), default_device(args.device),
+                         gpu_memory_limit=args.gpu_memory_limit)
+    refs = [open_image(r) for r in s["refs"]]
     if s.get("lora") and not refs:
         warn_if_edit_lora(s["lora"])
     ref_tokens = sum(t.shape[1] * t.shape[2] // 256 for t in prepare_refs(refs, s["refs"]))
@@ -376,7 +379,6 @@ def _run(args, memory: offload.OutOfMemoryGuard) -> list[Path]:
 
     # 2. the autoencoder, then the DiT with the LoRA, placed by offload.py in what is left
     ae = source.load_ae()
-    ae_itemsize = next(ae.parameters()).element_size()
     tokens = (s["width"] // 16) * (s["height"] // 16) + ref_tokens + txt.shape[1]
     compile = source.device.type == "cuda" if args.compile is None else args.compile
 
@@ -390,8 +392,7 @@ def _run(args, memory: offload.OutOfMemoryGuard) -> list[Path]:
                            tokens_per_sample=tokens, train=False,
                            gpu_memory_limit=args.gpu_memory_limit, compile=compile,
                            host_memory_limit=offload.host_budget(args.host_memory_limit),
-                           reserve_bytes=vae.decode_bytes(ae.config, height=s["height"],
-                                                          width=s["width"], itemsize=ae_itemsize))
+                           reserve_bytes=ae.decode_bytes(height=s["height"], width=s["width"]))
     memory.during, memory.plan = "sampling", plan
     flux2.fuse(compile and not plan.compiled)     # streamed: compile the glue between the matmuls
     models = Models(device=source.device, dtype=source.dtype, dit=dit, ae=ae)
@@ -402,13 +403,17 @@ def _run(args, memory: offload.OutOfMemoryGuard) -> list[Path]:
         img, = generate(models, width=s["width"], height=s["height"], steps=s["steps"],
                         guidance=s["guidance"], seeds=[seed], refs=refs, txt=txt[i:i + 1],
                         cfg=s.get("cfg"), txt_uncond=txt_uncond)
-        save_or_keep(img, out, {"prompt": prompt, "seed": seed, "steps": s["steps"],
-                            "guidance": s["guidance"], "cfg": s.get("cfg"), "width": s["width"],
-                            "height": s["height"], "lora": s.get("lora"),
-                            "lora_scale": s["lora_scale"] if s.get("lora") else None,
-                            "refs": s["refs"], "model": s["model"]})
+        save_or_keep(img, out, _png_settings(s, prompt=prompt, seed=seed))
         print(f"wrote {out} (seed {seed})")
     return outs
+
+
+def _png_settings(s: dict, *, prompt: str, seed: int) -> dict:
+    """What a PNG stores of its settings: enough for --from-png to make the same pixels."""
+    return {"prompt": prompt, "seed": seed, "steps": s["steps"], "guidance": s["guidance"],
+            "cfg": s.get("cfg"), "width": s["width"], "height": s["height"],
+            "lora": s.get("lora"), "lora_scale": s["lora_scale"] if s.get("lora") else None,
+            "refs": s["refs"], "model": s["model"]}
 
 
 def check_out(path: Path) -> None:

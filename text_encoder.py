@@ -205,7 +205,7 @@ def encode_by_layers(encoder: MistralEncoder, input_ids: Tensor, attention_mask:
     hidden = {}
     for k, layer in enumerate(encoder.layers, start=1):
         load(f"layers.{k - 1}", layer)
-        for i in range(N):
+        for i in range(N):      # RoPE and the mask are cheap to remake; kept, N masks would not be
             x = xs[i].to(device)
             xs[i] = layer(x, *encoder.positions(x, attention_mask[i:i + 1].to(device))).to(store)
         layer.to("meta")

@@ -32,6 +32,7 @@ OS_CAUSES = {
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.ENOTDIR: ("a part of the path is not a folder", "check the path"),
     errno.EISDIR: ("is a folder, not a file", "name a file"),
+    errno.EEXIST: ("is a file, not a folder", "name a folder"),     # mkdir on a file
 }
 
 
@@ -58,8 +59,6 @@ def check_writable(folder, *, flag: str) -> None:
     """Create `folder` if needed and write a probe file in it, so an unwritable output ends the
     run before anything heavy loads; LoadError naming the flag and the cause."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LoadError(f"{flag} {folder}: is a file, not a folder; name a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -209,24 +209,25 @@ class AutoEncoder(nn.Module):
         mean, std = self._stats()
         return (z - mean) / std
 
+    def decode_bytes(self, *, height: int, width: int) -> int:
+        """Bytes a decode to height x width pixels holds at its peak, beside the weights: in the
+        second ResnetBlock at full resolution, the level's input (as wide as the level below, kept
+        by the caller) and four tensors of the top level's width (the block's input, the conv's
+        input and output, the tensor that output replaces); on a GPU the convolutions' workspace
+        adds about two more of the level below (H200, float32: 4.77 GiB at 1024², this gives 5.0;
+        bench/RESULTS.md §13). The offload plan keeps this much free between forwards."""
+        c = self.config
+        top = c.ch * c.ch_mult[0]
+        below = c.ch * c.ch_mult[1] if len(c.ch_mult) > 1 else top
+        itemsize = next(self.parameters()).element_size()
+        return (3 * below + 4 * top) * height * width * itemsize
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latent [B, 4z, h, w] -> pixels [B, 3, 16h, 16w] (about [-1, 1]); the inverse
         of `encode`."""
         mean, std = self._stats()
         z = rearrange(z * std + mean, "B (c pi pj) h w -> B c (h pi) (w pj)", pi=2, pj=2)
         return self.decoder(z)
-
-
-def decode_bytes(config: AEConfig, *, height: int, width: int, itemsize: int) -> int:
-    """Bytes a decode to height x width pixels holds at its peak, beside the weights: in the second
-    ResnetBlock at full resolution, the level's input (as wide as the level below, kept by the
-    caller) and four tensors of the top level's width (the block's input, the conv's input and
-    output, the tensor that output replaces); on a GPU the convolutions' workspace adds about two
-    more of the level below (H200, float32: 4.77 GiB at 1024², this gives 5.0; bench/RESULTS.md).
-    sample.py keeps this much of the GPU free of DiT weights."""
-    top = config.ch * config.ch_mult[0]
-    below = config.ch * config.ch_mult[1] if len(config.ch_mult) > 1 else top
-    return (3 * below + 4 * top) * height * width * itemsize
 
 
 # --------------------------------------------------------------------------------------------------

@@ -385,8 +385,8 @@ def main(argv=None):
     # the children name the device: this process makes no CUDA context of its own
     meta = {"device": "?", "torch": torch.__version__, "preset": args.preset, "rank": args.rank,
             "musubi_commit": args.musubi_commit or musubi_commit(args.musubi_dir),
-            "paper_targets": LINEAR1_CAVEAT,
-            "fuse": args.fuse, "command": "python bench/musubi.py " + " ".join(argv or sys.argv[1:])}
+            "paper_targets": LINEAR1_CAVEAT, "fuse": args.fuse,
+            "command": "python bench/musubi.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(meta), flush=True)
     results = []
     for spec, run in zip(args.runs.split(","), runs):

@@ -4,10 +4,10 @@ import argparse
 import pytest
 
 import sample
-import train
+import train_flags
 
 
-@pytest.mark.parametrize("parser", [train.build_parser(), sample._parser()], ids=["train", "sample"])
+@pytest.mark.parametrize("parser", [train_flags.build_parser(), sample._parser()], ids=["train", "sample"])
 def test_every_flag_is_documented(parser):
     formatter = parser._get_formatter()
     for action in parser._actions:

@@ -101,7 +101,7 @@ def test_a_target_without_reference_is_one_error_line(tmp_path, capsys):
     for line, message in [('"just a string"', f"error: --sample-prompts {prompts}: '\"just a string\"' is not "
                                                f"{{\"prompt\": ..., \"refs\": [...]}}; fix that line"),
                           ('{"prompt": "a", "refs": ["gone.png"]}', f"error: {tmp_path / 'gone.png'}: cannot open "
-                                                                    f"this reference image")]:
+                                                                    f"this image")]:
         prompts.write_text(line + "\n")
         assert train.main(argv(tmp_path, "--steps", 1, "--sample-prompts", prompts)) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from flux2 import image_ids, pack, text_ids, unpack
 from util import LoadError
-from vae import AE_PRESETS, AEConfig, AutoEncoder, decode_bytes, load_ae
+from vae import AE_PRESETS, AEConfig, AutoEncoder, load_ae
 
 # oracle.md §1.3 [RUN] config: every channel count a multiple of 32 (GroupNorm(32)), both quant convs present
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -232,12 +232,12 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("config", [AE_PRESETS["tiny"], AEConfig(ch=32, ch_mult=(1, 2, 2, 2))])
 def test_decode_bytes_covers_the_decode(config):
-    """vae.decode_bytes (what sample.py keeps free for the decode) is at least what a decode holds
-    at its peak beside the weights, and at most twice it (its GPU workspace term is measured in
-    bench/RESULTS.md)."""
+    """AutoEncoder.decode_bytes (what the offload plan keeps free for a decode) is at least what a
+    decode holds at its peak beside the weights, and at most twice it (its GPU workspace term is
+    measured in bench/RESULTS.md)."""
     ae = AutoEncoder(config).eval()
     z = torch.randn(1, 4 * config.z_channels, 8, 12)
     with torch.no_grad(), _LiveBytes() as counter:
         ae.decode(z)
-    need = decode_bytes(config, height=128, width=192, itemsize=4)
+    need = ae.decode_bytes(height=128, width=192)
     assert counter.peak <= need <= 2 * counter.peak, (counter.peak, need)
